@@ -1,0 +1,81 @@
+"""Construction-time argument checks shared by every optlab transform.
+
+Structural integers (periods, levels, worker counts) must be Python ints known when the
+transform is built. Float knobs (rates, rho, alpha) may also be traced values or schedules
+so that ``optax.inject_hyperparams`` works without ``static_args``: those are range-checked
+only when they are concrete numbers.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+import jax
+import numpy as np
+
+__all__ = ["check_float_in_range", "check_int_in_range"]
+
+
+def check_int_in_range(
+    name: str,
+    value: Any,
+    *,
+    min_value: int | None = None,
+    max_value: int | None = None,
+) -> int:
+    """Returns ``value`` as an int, or raises ``ValueError`` naming ``name`` and the range.
+
+    Booleans, floats (even integral ones such as ``5.0``), arrays and tracers are rejected:
+    a structural integer must be a plain Python/NumPy integer.
+    """
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(
+            f"{name} must be an integer{_range_text(min_value, max_value)}, "
+            f"got {value!r} of type {type(value).__name__}."
+        )
+    value = int(value)
+    if (min_value is not None and value < min_value) or (
+        max_value is not None and value > max_value
+    ):
+        raise ValueError(f"{name} must be an integer{_range_text(min_value, max_value)}, got {value}.")
+    return value
+
+
+def check_float_in_range(
+    name: str,
+    value: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> Any:
+    """Range-checks a float knob when it is concrete; returns it unchanged.
+
+    Callables (optax schedules) and JAX tracers pass through unchecked: they are only known
+    inside ``update``. Non-finite concrete values are always rejected.
+    """
+    if callable(value) or isinstance(value, jax.core.Tracer):
+        return value
+    try:
+        as_float = float(np.asarray(value))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"{name} must be a real number or a schedule, got {value!r}.") from error
+    lo_ok = low is None or (as_float >= low if low_inclusive else as_float > low)
+    hi_ok = high is None or (as_float <= high if high_inclusive else as_float < high)
+    if not (np.isfinite(as_float) and lo_ok and hi_ok):
+        lo = "(-inf" if low is None else ("[" if low_inclusive else "(") + f"{low:g}"
+        hi = "inf)" if high is None else f"{high:g}" + ("]" if high_inclusive else ")")
+        raise ValueError(f"{name} must lie in {lo}, {hi}, got {value!r}.")
+    return value
+
+
+def _range_text(min_value: int | None, max_value: int | None) -> str:
+    if min_value is not None and max_value is not None:
+        return f" in [{min_value}, {max_value}]"
+    if min_value is not None:
+        return f" >= {min_value}"
+    if max_value is not None:
+        return f" <= {max_value}"
+    return ""
