@@ -1,0 +1,1 @@
+"""One runner per experiment: ``CLAIM`` and ``run(config, workdir, *, devices, progress)``."""
