@@ -17,6 +17,7 @@ import ast
 import hashlib
 import json
 import os
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -105,8 +106,12 @@ def _config_hash(config_dict: dict) -> str:
     return hashlib.sha1(json.dumps(config_dict, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def _prepare_workdir(workdir: Path, record: dict) -> None:
-    """Writes config.json, or checks that an existing one describes the same run."""
+def _prepare_workdir(workdir: Path, record: dict) -> bool:
+    """Writes config.json, or checks that an existing one describes the same run.
+
+    Returns whether the workdir was created now.
+    """
+    record = json.loads(json.dumps(record))  # tuples -> lists, as stored
     path = workdir / "config.json"
     if path.exists():
         previous = json.loads(path.read_text())
@@ -119,11 +124,13 @@ def _prepare_workdir(workdir: Path, record: dict) -> None:
                 f"workdir {workdir} holds a run with a different config (differs in: "
                 f"{', '.join(changed)}); pass a new --workdir or delete that one"
             )
-        return
+        return False
+    created = not workdir.exists()
     workdir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+    return created
 
 
 def _cmd_list() -> int:
@@ -159,18 +166,36 @@ def _cmd_run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         suffix = f"-{_config_hash(config_dict)}" if changed else ""
         workdir = Path("runs") / f"{args.name}-{args.variant}{suffix}"
     workdir = workdir.absolute()
-    _prepare_workdir(workdir, {"experiment": args.name, "variant": args.variant,
-                               "config": config_dict})
+    created = _prepare_workdir(
+        workdir, {"experiment": args.name, "variant": args.variant, "config": config_dict}
+    )
     print(f"[{args.name}] variant={args.variant} devices={args.devices} workdir={workdir}",
-          file=sys.stderr)
-    runner.run(config, workdir, devices=args.devices, progress=not args.no_progress)
+          flush=True)
+    from experiments.data import DatasetNotFoundError
+    from experiments.errors import ConfigError
+
+    try:
+        runner.run(config, workdir, devices=args.devices, progress=not args.no_progress)
+    except (ConfigError, DatasetNotFoundError) as error:
+        if created:  # nothing was trained: leave no half-made workdir behind
+            shutil.rmtree(workdir, ignore_errors=True)
+        if isinstance(error, ConfigError):
+            raise UsageError(f"invalid config: {error}") from None
+        raise
     print((workdir / "results.md").read_text())
     print(f"Results, plots and metrics in {workdir}", file=sys.stderr)
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argparse parser whose errors are one line (raised as UsageError)."""
+
+    def error(self, message: str):  # type: ignore[override]
+        raise UsageError(f"{message} (see python -m experiments --help)")
+
+
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.split("\n\n")[0])
+    parser = _Parser(prog="python -m experiments", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="list the experiments and the claim each checks")
     run = sub.add_parser("run", help="run an experiment (extra args: --config.KEY=VALUE)")
@@ -191,9 +216,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from experiments.bench import main as bench_main
 
         return bench_main(argv[1:])
-    parser = _build_parser()
-    args, unknown = parser.parse_known_args(argv)
     try:
+        args, unknown = _build_parser().parse_known_args(argv)
         if args.command == "list":
             if unknown:
                 raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
@@ -203,8 +227,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         import jax
 
         if args.devices > 1:
-            # Must happen before the first JAX operation; only affects the CPU backend.
-            jax.config.update("jax_num_cpu_devices", args.devices)
+            # Only possible before the first JAX operation (in-process callers, e.g. tests
+            # or notebooks, may already have initialised JAX with enough devices); it only
+            # affects the CPU backend.
+            try:
+                jax.config.update("jax_num_cpu_devices", args.devices)
+            except RuntimeError:
+                pass
         if args.devices > len(jax.devices()):
             raise UsageError(f"--devices {args.devices}: only {len(jax.devices())} devices are visible")
         return _cmd_run(args, unknown)
@@ -219,7 +248,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from experiments.data import DatasetNotFoundError
         from experiments.train import NonFiniteLossError
 
-        if isinstance(error, DatasetNotFoundError):
+        if isinstance(error, DatasetNotFoundError):  # several lines: how to get the data
             print(f"error: {error}", file=sys.stderr)
             return USAGE_ERROR
         if isinstance(error, NonFiniteLossError):

@@ -20,6 +20,7 @@ import optax
 from tqdm.auto import tqdm
 
 from experiments.data import BatchIterator, Dataset, load_dataset
+from experiments.errors import ConfigError
 from experiments.models import make_model, model_names
 from experiments.optimizers import make_optimizer, validate_spec
 from experiments.train import MetricsWriter, classification_loss, make_evaluator, train
@@ -92,9 +93,13 @@ def load_suite_data(config: ml_collections.ConfigDict, devices: int = 1) -> Data
     dataset = load_dataset(config.dataset, seed=config.data_seed, data_dir=config.data_dir or None)
     n = len(dataset.x_train)
     if not 1 <= config.batch_size <= n:
-        raise ValueError(f"batch_size must be in [1, {n}] (the training set), got {config.batch_size}.")
+        raise ConfigError(
+            f"batch_size must be in [1, {n}] (the training set), got {config.batch_size}."
+        )
     if config.batch_size % devices:
-        raise ValueError(f"batch_size ({config.batch_size}) must be divisible by devices ({devices}).")
+        raise ConfigError(
+            f"batch_size ({config.batch_size}) must be divisible by devices ({devices})."
+        )
     return dataset
 
 

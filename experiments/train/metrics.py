@@ -18,14 +18,29 @@ def _matches(record: Mapping[str, Any], tags: Mapping[str, Any]) -> bool:
     return all(record.get(key) == value for key, value in tags.items())
 
 
+def _parse_lines(lines: list[str]) -> list[dict[str, Any]]:
+    """Parses JSON lines; a torn last line (a process killed mid-write) is dropped."""
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i != len(lines) - 1:
+                raise
+    return records
+
+
+def _read_lines(path: Path) -> list[str]:
+    with path.open() as f:
+        return [line for line in f if line.strip()]
+
+
 def read_metrics(path: str | os.PathLike, **tags: Any) -> list[dict[str, Any]]:
     """All records of ``path`` (in order) whose fields equal ``tags``; [] if absent."""
     path = Path(path)
     if not path.exists():
         return []
-    with path.open() as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    return [r for r in records if _matches(r, tags)]
+    return [r for r in _parse_lines(_read_lines(path)) if _matches(r, tags)]
 
 
 class MetricsWriter:
@@ -48,16 +63,13 @@ class MetricsWriter:
         """
         if not self.path.exists():
             return
-        with self.path.open() as f:
-            lines = [line for line in f if line.strip()]
+        lines = _read_lines(self.path)
+        records = _parse_lines(lines)
         keep = [
-            line for line in lines
-            if not (
-                _matches(r := json.loads(line), self.tags)
-                and (r.get("step", 0) > step or r.get("final", False))
-            )
+            json.dumps(r) + "\n" for r in records
+            if not (_matches(r, self.tags) and (r.get("step", 0) > step or r.get("final", False)))
         ]
-        if len(keep) == len(lines):
+        if len(keep) == len(lines) and lines[-1].endswith("\n"):
             return
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=".metrics-")
         with os.fdopen(fd, "w") as f:
