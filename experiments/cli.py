@@ -3,6 +3,8 @@
     python -m experiments list
     python -m experiments run NAME [--variant quick|full] [--config.key=value ...]
                                    [--workdir DIR] [--devices N] [--no-progress]
+                                   [--distributed [--coordinator HOST:PORT
+                                    --num-processes P --process-id I]]
     python -m experiments bench [--quick] [--out PATH]
 
 Usage errors (unknown experiment, unknown config key, a value of the wrong type or out of
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import contextlib
 import hashlib
 import json
 import os
@@ -44,7 +47,9 @@ def _parse_like(text: str, current: Any, key: str) -> Any:
     import ml_collections
 
     if isinstance(current, ml_collections.ConfigDict):
-        raise UsageError(f"config key {key!r} is a group; set its fields, e.g. --config.{key}.FIELD=...")
+        raise UsageError(
+            f"config key {key!r} is a group; set its fields, e.g. --config.{key}.FIELD=..."
+        )
     try:
         if isinstance(current, bool):
             return _parse_bool(text)
@@ -61,13 +66,17 @@ def _parse_like(text: str, current: Any, key: str) -> Any:
             else:
                 parts = [p.strip() for p in stripped.split(",") if p.strip()]
                 element = current[0] if current else None
-                value = [_parse_like(p, element, key) if element is not None else
-                         _literal_or_str(p) for p in parts]
+                value = [
+                    _parse_like(p, element, key) if element is not None else _literal_or_str(p)
+                    for p in parts
+                ]
             return type(current)(value)
         return _literal_or_str(text)
     except (ValueError, SyntaxError) as error:
         kind = type(current).__name__
-        raise UsageError(f"--config.{key}: expected a value of type {kind}, got {text!r}") from error
+        raise UsageError(
+            f"--config.{key}: expected a value of type {kind}, got {text!r}"
+        ) from error
 
 
 def _literal_or_str(text: str) -> Any:
@@ -82,8 +91,10 @@ def apply_overrides(config: Any, overrides: Sequence[str]) -> list[str]:
     keys = []
     for item in overrides:
         if not item.startswith("--config.") or "=" not in item:
-            raise UsageError(f"unrecognized argument {item!r}; config overrides look like --config.KEY=VALUE")
-        key, text = item[len("--config."):].split("=", 1)
+            raise UsageError(
+                f"unrecognized argument {item!r}; config overrides look like --config.KEY=VALUE"
+            )
+        key, text = item[len("--config.") :].split("=", 1)
         *parents, leaf = key.split(".")
         node = config
         for i, part in enumerate(parents):
@@ -117,7 +128,8 @@ def _prepare_workdir(workdir: Path, record: dict) -> bool:
         previous = json.loads(path.read_text())
         if previous.get("config") != record["config"]:
             changed = sorted(
-                k for k in set(previous.get("config", {})) | set(record["config"])
+                k
+                for k in set(previous.get("config", {})) | set(record["config"])
                 if previous.get("config", {}).get(k) != record["config"].get(k)
             )
             raise UsageError(
@@ -166,11 +178,25 @@ def _cmd_run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         suffix = f"-{_config_hash(config_dict)}" if changed else ""
         workdir = Path("runs") / f"{args.name}-{args.variant}{suffix}"
     workdir = workdir.absolute()
-    created = _prepare_workdir(
-        workdir, {"experiment": args.name, "variant": args.variant, "config": config_dict}
-    )
-    print(f"[{args.name}] variant={args.variant} devices={args.devices} workdir={workdir}",
-          flush=True)
+    import jax
+
+    from experiments.distributed import barrier
+
+    main_process = jax.process_index() == 0
+    created = False
+    if main_process:  # one writer; the others check after the barrier
+        created = _prepare_workdir(
+            workdir, {"experiment": args.name, "variant": args.variant, "config": config_dict}
+        )
+        print(
+            f"[{args.name}] variant={args.variant} devices={args.devices} workdir={workdir}",
+            flush=True,
+        )
+    barrier("workdir")
+    if not main_process:
+        _prepare_workdir(
+            workdir, {"experiment": args.name, "variant": args.variant, "config": config_dict}
+        )
     from experiments.data import DatasetNotFoundError
     from experiments.errors import ConfigError
 
@@ -182,8 +208,9 @@ def _cmd_run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         if isinstance(error, ConfigError):
             raise UsageError(f"invalid config: {error}") from None
         raise
-    print((workdir / "results.md").read_text())
-    print(f"Results, plots and metrics in {workdir}", file=sys.stderr)
+    if main_process:
+        print((workdir / "results.md").read_text())
+        print(f"Results, plots and metrics in {workdir}", file=sys.stderr)
     return 0
 
 
@@ -194,6 +221,27 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see python -m experiments --help)")
 
 
+def _init_distributed(args: argparse.Namespace) -> None:
+    """Joins the multi-process run; on CPU, one cluster over gloo collectives."""
+    import jax
+
+    # Both only take effect before the backend starts; they only concern the CPU backend.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    if args.devices is not None and args.num_processes:
+        if args.devices % args.num_processes:
+            raise UsageError(
+                f"--devices ({args.devices}) must divide by --num-processes ({args.num_processes})"
+            )
+        jax.config.update("jax_num_cpu_devices", args.devices // args.num_processes)
+    jax.distributed.initialize(
+        coordinator_address=args.coordinator,
+        num_processes=args.num_processes,
+        process_id=args.process_id,
+    )
+    if args.devices is None:
+        args.devices = jax.device_count()
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m experiments", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,9 +250,23 @@ def _build_parser() -> argparse.ArgumentParser:
     run.add_argument("name")
     run.add_argument("--variant", default="quick", choices=("quick", "full"))
     run.add_argument("--workdir", default=None, help="default: runs/NAME-VARIANT[-HASH]")
-    run.add_argument("--devices", type=int, default=1,
-                     help="data-parallel devices (on CPU, that many virtual devices)")
+    run.add_argument(
+        "--devices",
+        type=int,
+        default=None,
+        help="data-parallel devices (on CPU, that many virtual devices); default 1, "
+        "or every device of every process with --distributed",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    multi = run.add_argument_group(
+        "several hosts",
+        "jax.distributed.initialize(); without the three options JAX detects "
+        "the cluster (TPU pods, SLURM, Open MPI, ...). Start the same command on every host.",
+    )
+    multi.add_argument("--distributed", action="store_true", help="join a multi-process run")
+    multi.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+    multi.add_argument("--num-processes", type=int, default=None)
+    multi.add_argument("--process-id", type=int, default=None)
     bench = sub.add_parser("bench", help="benchmarks: update and train-step throughput")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
@@ -222,27 +284,33 @@ def main(argv: Sequence[str] | None = None) -> int:
             if unknown:
                 raise UsageError(f"unrecognized arguments: {' '.join(unknown)}")
             return _cmd_list()
-        if args.devices < 1:
+        if args.devices is not None and args.devices < 1:
             raise UsageError(f"--devices must be >= 1, got {args.devices}")
         import jax
 
-        if args.devices > 1:
+        if args.distributed:
+            _init_distributed(args)
+        elif args.devices is None:
+            args.devices = 1
+        if args.devices > 1 and not args.distributed:
             # Only possible before the first JAX operation (in-process callers, e.g. tests
             # or notebooks, may already have initialised JAX with enough devices); it only
             # affects the CPU backend.
-            try:
+            with contextlib.suppress(RuntimeError):
                 jax.config.update("jax_num_cpu_devices", args.devices)
-            except RuntimeError:
-                pass
         if args.devices > len(jax.devices()):
-            raise UsageError(f"--devices {args.devices}: only {len(jax.devices())} devices are visible")
+            raise UsageError(
+                f"--devices {args.devices}: only {len(jax.devices())} devices are visible"
+            )
         return _cmd_run(args, unknown)
     except UsageError as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
     except KeyboardInterrupt:
-        print("interrupted; run the same command again to resume from the last checkpoint",
-              file=sys.stderr)
+        print(
+            "interrupted; run the same command again to resume from the last checkpoint",
+            file=sys.stderr,
+        )
         return 130
     except Exception as error:  # one line for known, user-facing failures
         from experiments.data import DatasetNotFoundError

@@ -38,7 +38,9 @@ def make_optimizer(spec: Mapping[str, Any], *, steps: int) -> optax.GradientTran
     """Builds the base optimizer a method spec names (see module docstring)."""
     name = spec["optimizer"]
     lr = make_schedule(
-        spec["learning_rate"], schedule=spec.get("schedule", "constant"), steps=steps,
+        spec["learning_rate"],
+        schedule=spec.get("schedule", "constant"),
+        steps=steps,
         warmup_steps=spec.get("warmup_steps", 0),
     )
     weight_decay = spec.get("weight_decay", 0.0)
@@ -54,8 +56,9 @@ def make_optimizer(spec: Mapping[str, Any], *, steps: int) -> optax.GradientTran
             tx = optax.chain(optax.add_decayed_weights(weight_decay), tx)
         return tx
     if name == "adamw":
-        return optax.adamw(lr, b1=spec.get("b1", 0.9), b2=spec.get("b2", 0.999),
-                           weight_decay=weight_decay)
+        return optax.adamw(
+            lr, b1=spec.get("b1", 0.9), b2=spec.get("b2", 0.999), weight_decay=weight_decay
+        )
     raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {name!r}.")
 
 
@@ -63,14 +66,16 @@ def validate_spec(method: str, spec: Mapping[str, Any]) -> None:
     """Raises ``ValueError`` naming ``methods.<method>.<field>`` for a bad spec."""
     prefix = f"methods.{method}"
     if spec.get("optimizer") not in OPTIMIZERS:
-        raise ValueError(f"{prefix}.optimizer must be one of {OPTIMIZERS}, "
-                         f"got {spec.get('optimizer')!r}.")
+        raise ValueError(
+            f"{prefix}.optimizer must be one of {OPTIMIZERS}, got {spec.get('optimizer')!r}."
+        )
     lr = spec.get("learning_rate")
     if not isinstance(lr, (int, float)) or not lr > 0:
         raise ValueError(f"{prefix}.learning_rate must be > 0, got {lr!r}.")
     if spec.get("schedule", "constant") not in SCHEDULES:
-        raise ValueError(f"{prefix}.schedule must be one of {SCHEDULES}, "
-                         f"got {spec.get('schedule')!r}.")
+        raise ValueError(
+            f"{prefix}.schedule must be one of {SCHEDULES}, got {spec.get('schedule')!r}."
+        )
     momentum = spec.get("momentum", 0.9)
     if not 0.0 <= momentum < 1.0:
         raise ValueError(f"{prefix}.momentum must lie in [0, 1), got {momentum!r}.")

@@ -52,8 +52,14 @@ class Verdict(NamedTuple):
 
 
 def compare(
-    summary: Mapping[str, Any], method: str, baseline: str, *, metric: str = "test_accuracy",
-    higher_is_better: bool = True, claim: str | None = None, scale: float = 100.0,
+    summary: Mapping[str, Any],
+    method: str,
+    baseline: str,
+    *,
+    metric: str = "test_accuracy",
+    higher_is_better: bool = True,
+    claim: str | None = None,
+    scale: float = 100.0,
     unit: str = "%",
 ) -> Verdict:
     """The verdict on "``method`` is at least as good as ``baseline`` on ``metric``"."""
@@ -69,8 +75,8 @@ def compare(
     detail = (
         f"{method} {fmt(a)} vs {baseline} {fmt(b)} over {a['n']}/{b['n']} seeds "
         f"(difference {diff * scale:+.2f}{unit}, {abs(diff) / se:.1f} standard errors)"
-        if se > 0 else
-        f"{method} {fmt(a)} vs {baseline} {fmt(b)} (difference {diff * scale:+.2f}{unit})"
+        if se > 0
+        else f"{method} {fmt(a)} vs {baseline} {fmt(b)} (difference {diff * scale:+.2f}{unit})"
     )
     significant = abs(diff) > 2 * se if se > 0 else diff != 0
     return Verdict(claim, better >= 0, bool(significant), detail)
@@ -143,7 +149,10 @@ def write_results(
 
 
 def plot_curves(
-    workdir: str | os.PathLike, methods: Sequence[str], *, filename: str = "curves.png",
+    workdir: str | os.PathLike,
+    methods: Sequence[str],
+    *,
+    filename: str = "curves.png",
     title: str = "",
 ) -> str:
     """Training loss and test accuracy against step, mean ± std over seeds, per method."""
@@ -154,8 +163,10 @@ def plot_curves(
 
     workdir = Path(workdir)
     records = read_metrics(workdir / "metrics.jsonl")
-    panels = (("train_loss", "training loss (window mean)", True),
-              ("test_accuracy", "test accuracy", False))
+    panels = (
+        ("train_loss", "training loss (window mean)", True),
+        ("test_accuracy", "test accuracy", False),
+    )
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     for ax, (key, label, log_scale) in zip(axes, panels, strict=True):
         for method in methods:

@@ -20,6 +20,7 @@ import optax
 from tqdm.auto import tqdm
 
 from experiments.data import BatchIterator, Dataset, load_dataset
+from experiments.distributed import local_replica
 from experiments.errors import ConfigError
 from experiments.models import make_model, model_names
 from experiments.optimizers import make_optimizer, validate_spec
@@ -28,7 +29,9 @@ from experiments.train import MetricsWriter, classification_loss, make_evaluator
 TxFactory = Callable[[str, Mapping[str, Any], int], optax.GradientTransformation]
 
 
-def default_tx_factory(method: str, spec: Mapping[str, Any], steps: int) -> optax.GradientTransformation:
+def default_tx_factory(
+    method: str, spec: Mapping[str, Any], steps: int
+) -> optax.GradientTransformation:
     """Builds a method's optimizer from its spec (plain optax optimizers)."""
     del method
     return make_optimizer(spec, steps=steps)
@@ -119,9 +122,11 @@ def run_suite(
     "train_loss", "steps", "wall_time_s"}``. Metrics stream to ``workdir/metrics.jsonl``.
     """
     dataset = dataset if dataset is not None else load_suite_data(config, devices)
+    progress = progress and jax.process_index() == 0
     methods = list(methods if methods is not None else config.method_names)
     model = make_model(config.model, num_classes=dataset.num_classes)
     loss_fn = classification_loss(model)
+    init = jax.jit(model.init)  # one compilation for all seeds (eager init is slow for ResNets)
     test_eval = make_evaluator(model, dataset.x_test, dataset.y_test)
     train_eval = make_evaluator(model, dataset.x_train, dataset.y_train)
     metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -131,7 +136,7 @@ def run_suite(
     for method, seed in outer:
         outer.set_postfix(method=method, seed=seed)
         t0 = time.perf_counter()
-        params, model_state = model.init(jax.random.key(seed), dataset.x_train[:1])
+        params, model_state = init(jax.random.key(seed), dataset.x_train[:1])
         result = train(
             loss_fn=loss_fn,
             tx=tx_factory(method, config.methods[method], config.steps),
@@ -150,7 +155,7 @@ def run_suite(
             progress=progress,
             description=f"{method} seed {seed}",
         )
-        final_train = train_eval(result.state.params, result.state.model_state)
+        final_train = train_eval(*local_replica((result.state.params, result.state.model_state)))
         records.append(
             {
                 "method": method,

@@ -38,7 +38,9 @@ def check_int_in_range(
     if (min_value is not None and value < min_value) or (
         max_value is not None and value > max_value
     ):
-        raise ValueError(f"{name} must be an integer{_range_text(min_value, max_value)}, got {value}.")
+        raise ValueError(
+            f"{name} must be an integer{_range_text(min_value, max_value)}, got {value}."
+        )
     return value
 
 

@@ -79,10 +79,7 @@ def data_parallel_value_and_grad(
     def wrapped(params, *args, **kwargs):
         out, grads = value_and_grad(pvary(params, axis_name), *args, **kwargs)
         if average:
-            if has_aux:
-                out = (pmean(out[0], axis_name), out[1])
-            else:
-                out = pmean(out, axis_name)
+            out = (pmean(out[0], axis_name), out[1]) if has_aux else pmean(out, axis_name)
             grads = pmean(grads, axis_name)
         return out, grads
 

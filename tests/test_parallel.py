@@ -22,18 +22,27 @@ def _problem():
 
 
 def _mesh(n=8):
-    return jax.make_mesh((n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,),
-                         devices=jax.devices()[:n])
+    return jax.make_mesh(
+        (n,), ("data",), axis_types=(jax.sharding.AxisType.Auto,), devices=jax.devices()[:n]
+    )
 
 
 def test_shard_map_gradient_equals_single_device():
     w, x = _problem()
     ref_value, ref_grad = jax.value_and_grad(_loss)(w, x)
-    fn = jax.jit(jax.shard_map(optlab.data_parallel_value_and_grad(_loss, "data"), mesh=_mesh(),
-                               in_specs=(P(), P("data")), out_specs=P()))
+    fn = jax.jit(
+        jax.shard_map(
+            optlab.data_parallel_value_and_grad(_loss, "data"),
+            mesh=_mesh(),
+            in_specs=(P(), P("data")),
+            out_specs=P(),
+        )
+    )
     value, grad = fn(w, x)
     np.testing.assert_allclose(value, ref_value, rtol=1e-6)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grad, ref_grad)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), grad, ref_grad
+    )
 
 
 def test_without_pvary_shard_map_overcounts():
@@ -44,7 +53,9 @@ def test_without_pvary_shard_map_overcounts():
     def naive(w, x):
         return jax.lax.pmean(jax.grad(_loss)(w, x), "data")
 
-    out = jax.jit(jax.shard_map(naive, mesh=_mesh(), in_specs=(P(), P("data")), out_specs=P()))(w, x)
+    out = jax.jit(jax.shard_map(naive, mesh=_mesh(), in_specs=(P(), P("data")), out_specs=P()))(
+        w, x
+    )
     np.testing.assert_allclose(out["b"], 8 * ref["b"], rtol=1e-5)
 
 
@@ -54,19 +65,27 @@ def test_vmap_simulation_equals_shard_map_and_reference():
     fn = optlab.data_parallel_value_and_grad(_loss, "data")
     _, g_vmap = jax.vmap(fn, in_axes=(None, 0), axis_name="data")(w, x.reshape(8, 2, 5))
     # Every simulated worker holds the same averaged gradient.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, np.broadcast_to(b, a.shape),
-                                                         rtol=1e-5, atol=1e-6), g_vmap, ref)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(
+            a, np.broadcast_to(b, a.shape), rtol=1e-5, atol=1e-6
+        ),
+        g_vmap,
+        ref,
+    )
 
 
 def test_local_gradient_without_average_is_per_worker():
     w, x = _problem()
     fn = optlab.data_parallel_value_and_grad(_loss, "data", average=False)
-    sharded = jax.jit(jax.shard_map(lambda w, x: fn(w, x)[1], mesh=_mesh(),
-                                    in_specs=(P(), P("data")), out_specs=P("data")))
+    sharded = jax.jit(
+        jax.shard_map(
+            lambda w, x: fn(w, x)[1], mesh=_mesh(), in_specs=(P(), P("data")), out_specs=P("data")
+        )
+    )
     g = sharded(w, x)
     for i in range(8):
-        ref = jax.grad(_loss)(w, x[2 * i: 2 * i + 2])
-        np.testing.assert_allclose(g["b"][4 * i: 4 * i + 4], ref["b"], rtol=1e-5, atol=1e-6)
+        ref = jax.grad(_loss)(w, x[2 * i : 2 * i + 2])
+        np.testing.assert_allclose(g["b"][4 * i : 4 * i + 4], ref["b"], rtol=1e-5, atol=1e-6)
 
 
 def test_pvary_is_identity_outside_shard_map_and_idempotent_inside():
@@ -98,7 +117,13 @@ def test_not_manual_under_vmap():
 def test_any_device_count(n):
     w, x = _problem()
     ref = jax.grad(_loss)(w, x)
-    fn = jax.jit(jax.shard_map(optlab.data_parallel_value_and_grad(_loss, "data"), mesh=_mesh(n),
-                               in_specs=(P(), P("data")), out_specs=P()))
+    fn = jax.jit(
+        jax.shard_map(
+            optlab.data_parallel_value_and_grad(_loss, "data"),
+            mesh=_mesh(n),
+            in_specs=(P(), P("data")),
+            out_specs=P(),
+        )
+    )
     _, g = fn(w, x)
     np.testing.assert_allclose(g["a"], ref["a"], rtol=1e-5, atol=1e-6)

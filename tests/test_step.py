@@ -59,9 +59,7 @@ def _run(tx, num_devices, dtype=jnp.float32):
     return jax.device_get(state), history
 
 
-@pytest.mark.parametrize(
-    "tx_name", ["sgd", "momentum", "adam", "extragradient", "clip_chain"]
-)
+@pytest.mark.parametrize("tx_name", ["sgd", "momentum", "adam", "extragradient", "clip_chain"])
 @pytest.mark.parametrize("num_devices", [2, 8])
 def test_data_parallel_step_equals_single_device(x64, tx_name, num_devices):
     tx = {
@@ -74,10 +72,16 @@ def test_data_parallel_step_equals_single_device(x64, tx_name, num_devices):
     ref_state, ref_hist = _run(tx, 1, jnp.float64)
     state, hist = _run(tx, num_devices, jnp.float64)
     assert state.params["w1"].dtype == np.float64
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13),
-                 state.params, ref_state.params)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13),
-                 state.model_state, ref_state.model_state)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13),
+        state.params,
+        ref_state.params,
+    )
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-13),
+        state.model_state,
+        ref_state.model_state,
+    )
     for m, r in zip(hist, ref_hist, strict=True):
         np.testing.assert_allclose(m["loss"], r["loss"], rtol=1e-12)
         np.testing.assert_allclose(m["accuracy"], r["accuracy"], rtol=1e-12)
@@ -88,8 +92,11 @@ def test_data_parallel_float32_close():
     tx = optax.adam(1e-2)
     ref_state, _ = _run(tx, 1)
     state, _ = _run(tx, 8)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
-                 state.params, ref_state.params)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6),
+        state.params,
+        ref_state.params,
+    )
 
 
 def test_grad_fn_and_value_fn_are_the_loss_at_given_params():
@@ -98,8 +105,9 @@ def test_grad_fn_and_value_fn_are_the_loss_at_given_params():
 
     def probe():
         def update(grads, state, params, *, grad_fn, value_fn, value, grad, **extra):
-            seen["grad_match"] = jax.tree.map(lambda a, b: jnp.max(jnp.abs(a - b)),
-                                              grad_fn(params), grads)
+            seen["grad_match"] = jax.tree.map(
+                lambda a, b: jnp.max(jnp.abs(a - b)), grad_fn(params), grads
+            )
             seen["value_match"] = jnp.abs(value_fn(params) - value)
             seen["grad_is_grads"] = grad is grads
             return jax.tree.map(jnp.zeros_like, grads), state

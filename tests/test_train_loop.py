@@ -66,7 +66,8 @@ def test_resumed_run_is_bitwise_equal_to_uninterrupted(digits, tmp_path, model):
     assert full.final == resumed.final
     # The metrics read as if the run had never stopped: no duplicate or missing records.
     assert _without_time(read_metrics(tmp_path / "a" / "metrics.jsonl")) == _without_time(
-        read_metrics(tmp_path / "b" / "metrics.jsonl"))
+        read_metrics(tmp_path / "b" / "metrics.jsonl")
+    )
 
 
 def test_finished_run_is_not_retrained(digits, tmp_path):
@@ -122,7 +123,9 @@ def test_metrics_records(digits, tmp_path):
     assert all("train_loss" in r and "train_accuracy" in r for r in records[:-1])
     assert "test_accuracy" in records[1]  # eval_every=10
     final = records[-1]
-    assert final["final"] and final["step"] == 20 and 0 <= final["test_accuracy"] <= 1
+    assert final["final"]
+    assert final["step"] == 20
+    assert 0 <= final["test_accuracy"] <= 1
 
 
 def test_torn_last_metrics_line_is_dropped(tmp_path):
@@ -151,7 +154,8 @@ def test_truncate_after_keeps_other_runs(tmp_path):
 def test_data_parallel_loop_matches_single_device(digits, tmp_path):
     one = _train(digits, tmp_path / "one", 10, tx=optax.sgd(0.1, momentum=0.9))
     four = _train(digits, tmp_path / "four", 10, tx=optax.sgd(0.1, momentum=0.9), devices=4)
-    for a, b in zip(jax.tree.leaves(one.state.params), jax.tree.leaves(four.state.params),
-                    strict=True):
+    for a, b in zip(
+        jax.tree.leaves(one.state.params), jax.tree.leaves(four.state.params), strict=True
+    ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
     assert abs(one.final["test_accuracy"] - four.final["test_accuracy"]) <= 1 / 128

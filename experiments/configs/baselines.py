@@ -48,8 +48,12 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
             method_names=("sgd", "momentum", "adam"),
             methods={
                 "sgd": {"optimizer": "sgd", "learning_rate": 0.1, **sched},
-                "momentum": {"optimizer": "momentum", "learning_rate": 0.1, "momentum": 0.9,
-                             **sched},
+                "momentum": {
+                    "optimizer": "momentum",
+                    "learning_rate": 0.1,
+                    "momentum": 0.9,
+                    **sched,
+                },
                 "adam": {"optimizer": "adam", "learning_rate": 1e-3, **sched},
             },
         )

@@ -56,7 +56,7 @@ def preparation_instructions(name: str, data_dir: str | None) -> str:
         )
     else:
         builder_args = f"'{name}', data_dir='{data_dir}'"
-        copy_step = f"then copy {data_dir}/{name} to {data_dir}/{name} on this machine"
+        copy_step = f"then copy the prepared {data_dir}/{name} to the same path on this machine"
     return (
         f"No download is attempted. To prepare {name!r}, either\n"
         "  (a) on a machine with internet access run\n"

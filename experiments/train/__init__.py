@@ -1,8 +1,8 @@
 """Training harness: the jitted step, the loop, checkpoints and metrics."""
 
 from experiments.train.checkpoint import Checkpointer
-from experiments.train.losses import classification_loss, make_evaluator
 from experiments.train.loop import NonFiniteLossError, RunResult, train
+from experiments.train.losses import classification_loss, make_evaluator
 from experiments.train.metrics import MetricsWriter, read_metrics
 from experiments.train.step import (
     DATA_AXIS,

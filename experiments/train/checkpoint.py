@@ -38,7 +38,7 @@ class Checkpointer:
         self._manager.save(step, args=ocp.args.StandardSave(state), force=True)
 
     def restore(self, like: Any, step: int | None = None) -> Any:
-        """Restores ``step`` (default: latest) with the structure, dtypes and shardings of ``like``."""
+        """Restores ``step`` (default: latest) shaped, typed and sharded like ``like``."""
         step = self.latest_step() if step is None else step
         if step is None:
             raise FileNotFoundError(f"no checkpoint in {self.directory}")

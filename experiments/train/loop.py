@@ -22,6 +22,7 @@ import numpy as np
 import optax
 from tqdm.auto import tqdm
 
+from experiments.distributed import is_main_process, local_replica, to_host
 from experiments.train.checkpoint import Checkpointer
 from experiments.train.metrics import MetricsWriter
 from experiments.train.step import LossFn, TrainState, init_train_state, make_train_step
@@ -91,7 +92,8 @@ def train(
       run_dir: this run's directory; checkpoints go to ``run_dir/checkpoints``.
       evaluators: ``{"test": fn, "train": fn}`` with ``fn(params, model_state) -> metrics``;
         run every ``eval_every`` steps (0: only at the end) and at the end.
-      metrics: where to append records ``{"step", "train_loss", "train_accuracy", ...}``.
+      metrics: where to append records ``{"step", "train_loss", "train_accuracy", ...}``
+        (written by process 0 only when several processes run).
       log_every: steps between training-metric records (mean over the window).
       checkpoint_every: steps between checkpoints; one is always written at the end.
       devices: data-parallel devices (1: plain jit).
@@ -104,10 +106,10 @@ def train(
       NonFiniteLossError: the loss became NaN/inf; no checkpoint after that step exists.
     """
     evaluators = dict(evaluators or {})
+    if not is_main_process():
+        metrics, progress = None, False
     compiled = make_train_step(loss_fn, tx, num_devices=devices)
-    state = compiled.put_state(
-        init_train_state(params, model_state, tx, jax.random.key(seed))
-    )
+    state = compiled.put_state(init_train_state(params, model_state, tx, jax.random.key(seed)))
     checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints"))
     try:
         start = checkpointer.latest_step()
@@ -119,21 +121,28 @@ def train(
 
         def log_evals(step: int) -> dict[str, float]:
             out = {}
+            params, model_state = local_replica((state.params, state.model_state))
             for name, evaluate in evaluators.items():
-                for key, value in evaluate(state.params, state.model_state).items():
+                for key, value in evaluate(params, model_state).items():
                     out[f"{name}_{key}"] = value
             return out
 
         def check_finite() -> None:
-            bad = int(jax.device_get(state.first_nonfinite_step))
+            bad = int(to_host(state.first_nonfinite_step))
             if bad >= 0:
                 checkpointer.wait()
                 raise NonFiniteLossError(bad, checkpointer.latest_step())
 
         window: list[dict[str, jax.Array]] = []
         t0 = time.perf_counter()
-        bar = tqdm(total=steps, initial=start, desc=description, disable=not progress,
-                   leave=False, dynamic_ncols=True)
+        bar = tqdm(
+            total=steps,
+            initial=start,
+            desc=description,
+            disable=not progress,
+            leave=False,
+            dynamic_ncols=True,
+        )
         for step in range(start, steps):
             state, step_metrics = compiled.step(state, compiled.put_batch(batches.batch_at(step)))
             window.append(step_metrics)
@@ -145,7 +154,7 @@ def train(
             if is_log or is_eval:
                 record: dict[str, Any] = {"step": done}
                 if window:
-                    means = jax.tree.map(lambda *v: float(np.mean(v)), *jax.device_get(window))
+                    means = jax.tree.map(lambda *v: float(np.mean(v)), *to_host(window))
                     record.update({f"train_{k}": v for k, v in means.items()})
                     window = []
                 check_finite()

@@ -66,7 +66,8 @@ class MetricsWriter:
         lines = _read_lines(self.path)
         records = _parse_lines(lines)
         keep = [
-            json.dumps(r) + "\n" for r in records
+            json.dumps(r) + "\n"
+            for r in records
             if not (_matches(r, self.tags) and (r.get("step", 0) > step or r.get("final", False)))
         ]
         if len(keep) == len(lines) and lines[-1].endswith("\n"):

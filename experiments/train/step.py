@@ -108,8 +108,13 @@ def make_step_fn(
             return loss_and_grad(params)[0]
 
         updates, opt_state = tx.update(
-            grads, state.opt_state, state.params,
-            grad_fn=grad_fn, value_fn=value_fn, value=loss, grad=grads,
+            grads,
+            state.opt_state,
+            state.params,
+            grad_fn=grad_fn,
+            value_fn=value_fn,
+            value=loss,
+            grad=grads,
         )
         params = optax.apply_updates(state.params, updates)
         finite = jnp.isfinite(loss)
@@ -138,7 +143,8 @@ def make_mesh(num_devices: int) -> jax.sharding.Mesh:
             "On CPU, set jax.config.update('jax_num_cpu_devices', N) before the first JAX op."
         )
     return jax.make_mesh(
-        (num_devices,), (DATA_AXIS,),
+        (num_devices,),
+        (DATA_AXIS,),
         axis_types=(jax.sharding.AxisType.Auto,),
         devices=jax.devices()[:num_devices],
     )
@@ -169,12 +175,20 @@ def make_train_step(
         ``grad_fn`` / ``value_fn``.
       num_devices: 1 runs under plain ``jit``; N > 1 shards the batch over N devices with
         ``jax.shard_map`` and keeps the state replicated. The batch size must divide by N.
+        With several processes (after ``jax.distributed.initialize()``) N must be the
+        global device count; every process passes the same global batch and state, and
+        each contributes its own devices' shards.
       donate: donate the input state's buffers (the state is updated in place).
 
     Returns:
       A :class:`CompiledStep`; call ``step(put_state(state), put_batch(batch))``.
     """
     donate_argnums = (0,) if donate else ()
+    if jax.process_count() > 1 and num_devices != jax.device_count():
+        raise ValueError(
+            f"devices must equal the global device count ({jax.device_count()}) when running "
+            f"on {jax.process_count()} processes, got {num_devices}."
+        )
     if num_devices == 1:
         device = jax.devices()[0]
         return CompiledStep(
@@ -196,11 +210,27 @@ def make_train_step(
                 f"batch_size must be divisible by devices={num_devices} for data parallelism, "
                 f"got a batch of {size}."
             )
-        return jax.device_put(batch, split)
+        return _put_global(batch, split)
 
     return CompiledStep(
         step=jax.jit(sharded, donate_argnums=donate_argnums),
-        put_state=lambda s: jax.device_put(s, replicated),
+        put_state=lambda s: _put_global(s, replicated),
         put_batch=put_batch,
         mesh=mesh,
     )
+
+
+def _put_global(tree: Any, sharding: NamedSharding) -> Any:
+    """Places host values (identical on every process) as global arrays with ``sharding``.
+
+    One process: ``device_put``. Several: each process fills its own devices' shards from
+    its copy of the full value (``make_array_from_callback``).
+    """
+    if jax.process_count() == 1:
+        return jax.device_put(tree, sharding)
+
+    def one(x):
+        x = np.asarray(jax.device_get(x))
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return jax.tree.map(one, tree)
