@@ -1,0 +1,173 @@
+"""``python -m experiments bench``: argument parsing and the three measurements in order."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from experiments.bench.bandwidth import measure_bandwidth
+from experiments.bench.registry import BenchEntry, entries
+from experiments.bench.report import format_report, machine_info, write_json
+from experiments.bench.timing import progress
+from experiments.bench.train_steps import bench_train_steps
+from experiments.bench.updates import bench_updates
+from experiments.models import model_names
+
+__all__ = ["BenchConfig", "main", "parse_args", "run_bench"]
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """What to measure and how often (defaults: the full benchmark).
+
+    Attributes:
+      sizes: approximate parameter counts of the update benchmark.
+      reps: timed repetitions per entry and size in the update benchmark.
+      copy_mib: size of the array copied to measure memory bandwidth.
+      copy_reps: timed repetitions of the copy.
+      models: models of the train-step benchmark (empty: skip it).
+      train_reps: timed samples per entry and model in the train-step benchmark.
+      steps_per_rep: consecutive train steps per timed sample.
+      batch_size: train-step batch size.
+      dataset: train-step dataset.
+    """
+
+    sizes: tuple[int, ...] = (1_000_000, 10_000_000)
+    reps: int = 50
+    copy_mib: float = 512.0
+    copy_reps: int = 10
+    models: tuple[str, ...] = ("mlp", "cnn")
+    train_reps: int = 60
+    steps_per_rep: int = 5
+    batch_size: int = 128
+    dataset: str = "digits"
+
+
+QUICK = BenchConfig(
+    sizes=(1_000_000,), reps=20, copy_mib=64.0, copy_reps=5, train_reps=20, steps_per_rep=3
+)
+"""``--quick``: one size, fewer repetitions; well under a minute on 2 CPU cores."""
+
+
+def _count(text: str) -> int:
+    """Parses ``1000``, ``1e6``, ``10M``, ``250k`` into an int >= 1."""
+    m = re.fullmatch(r"\s*([0-9.eE+]+)\s*([kKmMgG]?)\s*", text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r} (e.g. 1000, 1e6, 10M)")
+    try:
+        value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a count: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"count must be >= 1, got {text!r}")
+    return int(value)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text!r}")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m experiments bench",
+        description=(
+            "Benchmark the registered optimizer transforms side by side in one process: "
+            "memory bandwidth (the physical limit), update time on model-shaped pytrees "
+            "against optax.sgd and each entry's counterpart, and full train steps on the MLP "
+            "and CNN. Tables go to stdout, progress to stderr, everything to a JSON file."
+        ),
+    )
+    p.add_argument("--quick", action="store_true",
+                   help="1M parameters only and fewer repetitions (well under a minute)")
+    p.add_argument("--out", default="bench.json", help="JSON output path (default: %(default)s)")
+    over = p.add_argument_group("overrides (default: the --quick or full setting)")
+    over.add_argument("--sizes", nargs="+", type=_count, metavar="N",
+                      help="update-benchmark parameter counts, e.g. 1M 10M")
+    over.add_argument("--reps", type=_positive_int, help="update repetitions per entry")
+    over.add_argument("--copy-mib", type=_positive_float, help="bandwidth copy size in MiB")
+    over.add_argument("--copy-reps", type=_positive_int, help="bandwidth copy repetitions")
+    over.add_argument("--models", nargs="*", metavar="MODEL", choices=model_names(),
+                      help="train-step models, of: %(choices)s (none: skip this part)")
+    over.add_argument("--train-reps", type=_positive_int, help="train-step samples per entry")
+    over.add_argument("--steps-per-rep", type=_positive_int, help="train steps per sample")
+    over.add_argument("--batch-size", type=_positive_int, help="train-step batch size")
+    return p
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, str]:
+    """``(config, out_path)`` from command-line arguments."""
+    args = _parser().parse_args(argv)
+    cfg = QUICK if args.quick else BenchConfig()
+    overrides: dict[str, Any] = {}
+    for field in ("reps", "copy_mib", "copy_reps", "train_reps", "steps_per_rep", "batch_size"):
+        if getattr(args, field) is not None:
+            overrides[field] = getattr(args, field)
+    if args.sizes is not None:
+        overrides["sizes"] = tuple(args.sizes)
+    if args.models is not None:
+        overrides["models"] = tuple(args.models)
+    return dataclasses.replace(cfg, **overrides), args.out
+
+
+def run_bench(cfg: BenchConfig, bench_entries: Sequence[BenchEntry]) -> dict[str, Any]:
+    """Runs the three measurements and returns the JSON-ready result."""
+    start = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    progress(f"memory bandwidth: {cfg.copy_mib:g} MiB copy x {cfg.copy_reps}")
+    t0 = time.perf_counter()
+    bw = measure_bandwidth(cfg.copy_mib, reps=cfg.copy_reps)
+    timings["bandwidth_s"] = time.perf_counter() - t0
+
+    progress(f"updates: {len(bench_entries)} entries, sizes {list(cfg.sizes)}, {cfg.reps} reps")
+    t0 = time.perf_counter()
+    updates = bench_updates(bench_entries, cfg.sizes, reps=cfg.reps, bandwidth_gbs=bw.gbs)
+    timings["updates_s"] = time.perf_counter() - t0
+
+    progress(f"train steps: models {list(cfg.models)}, {cfg.train_reps} samples")
+    t0 = time.perf_counter()
+    train = bench_train_steps(
+        bench_entries, cfg.models, reps=cfg.train_reps, steps_per_rep=cfg.steps_per_rep,
+        batch_size=cfg.batch_size, dataset=cfg.dataset,
+    )
+    timings["train_steps_s"] = time.perf_counter() - t0
+
+    return {
+        "machine": machine_info(),
+        "config": dataclasses.asdict(cfg),
+        "bandwidth_gbs": bw.gbs,
+        "bandwidth": dataclasses.asdict(bw),
+        "updates": updates,
+        "train_steps": train,
+        "timings": timings,
+        "elapsed_s": time.perf_counter() - start,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m experiments bench``; returns the process exit code."""
+    cfg, out = parse_args(argv)
+    bench_entries = entries()
+    if not bench_entries:
+        print("no bench entries are registered", file=sys.stderr)
+        return 1
+    result = run_bench(cfg, bench_entries)
+    print(format_report(result), flush=True)
+    path = write_json(result, out)
+    progress(f"wrote {path}")
+    return 0

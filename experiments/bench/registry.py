@@ -1,0 +1,148 @@
+"""The benchmark registry: which optimizer transforms ``python -m experiments bench`` measures.
+
+A later issue adds its transform with one call, in its own ``experiments/bench/entries_*.py``
+module imported by ``experiments/bench/__init__.py``::
+
+    register(BenchEntry(
+        name="optlab.lookahead(k=5)",
+        make=lambda: optlab.lookahead(optax.sgd(0.1), sync_period=5),
+        bytes_per_param=...,           # documented byte model, see baselines.py
+        counterpart="optax.lookahead(k=5)",  # registered before this entry
+    ))
+
+The byte model is the *compulsory* float32 traffic of one update: every array the update's
+arithmetic must read or write, counted once. It is a lower bound on memory traffic, so the
+benchmark's "achieved GB/s" (model bytes / time) against the machine's copy bandwidth says how
+close the implementation gets to the physical limit; a non-fused implementation that reads an
+array twice shows up as a lower fraction, not as a larger byte count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import optax
+
+__all__ = [
+    "SGD_NAME",
+    "BenchEntry",
+    "Registry",
+    "entries",
+    "get_entry",
+    "register",
+]
+
+SGD_NAME = "optax.sgd"
+"""The baseline every update time and train-step time is divided by."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchEntry:
+    """One optimizer transform to benchmark.
+
+    Attributes:
+      name: unique display name, e.g. ``"optax.sgd"`` or ``"optlab.lookahead(k=5)"``.
+      make: builds a fresh transform (called once per measured setting).
+      bytes_per_param: float32 bytes read plus written per parameter by one update, counting
+        each array once (e.g. sgd: grads in + updates out = 8). Averaged over steps for
+        transforms that do extra work only every k steps. Entries with ``needs_grad_fn``
+        include the bench's ``grad_fn`` traffic (see :func:`experiments.bench.updates.
+        quadratic_grad_fn`: reads params and a target, writes grads = 12 B per call).
+      counterpart: name of another registered entry to report a time ratio against (e.g. the
+        optax implementation of the same method); it must be registered first.
+      needs_grad_fn: ``update`` receives ``grad_fn=...``: a cheap quadratic-loss closure over
+        a fixed target in the update benchmark, the real loss in the train-step benchmark.
+      params_in_update: ``update`` receives ``params`` (otherwise ``None``).
+    """
+
+    name: str
+    make: Callable[[], optax.GradientTransformation]
+    bytes_per_param: float
+    counterpart: str | None = None
+    needs_grad_fn: bool = False
+    params_in_update: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"BenchEntry.name must be a non-empty string, got {self.name!r}")
+        if not callable(self.make):
+            raise ValueError(f"BenchEntry.make must be callable, got {self.make!r}")
+        bpp = self.bytes_per_param
+        if isinstance(bpp, bool) or not isinstance(bpp, int | float) or not (
+            math.isfinite(bpp) and bpp > 0
+        ):
+            raise ValueError(
+                f"BenchEntry.bytes_per_param must be a finite number > 0, got {bpp!r} "
+                f"(entry {self.name!r})"
+            )
+        if self.counterpart == self.name:
+            raise ValueError(f"BenchEntry {self.name!r} names itself as its counterpart")
+
+
+class Registry:
+    """An ordered collection of :class:`BenchEntry` with unique names.
+
+    The module-level :func:`register` / :func:`entries` use one default instance; tests build
+    their own so they never change what the real benchmark measures.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, BenchEntry] = {}
+
+    def register(self, entry: BenchEntry) -> BenchEntry:
+        """Adds ``entry`` and returns it.
+
+        Raises:
+          ValueError: if the name is already registered, or the counterpart is not.
+        """
+        if not isinstance(entry, BenchEntry):
+            raise TypeError(f"register() takes a BenchEntry, got {type(entry).__name__}")
+        if entry.name in self._entries:
+            raise ValueError(f"a bench entry named {entry.name!r} is already registered")
+        if entry.counterpart is not None and entry.counterpart not in self._entries:
+            known = ", ".join(repr(n) for n in self._entries) or "none"
+            raise ValueError(
+                f"bench entry {entry.name!r} names counterpart {entry.counterpart!r}, which is "
+                f"not registered; register the counterpart first. Registered: {known}"
+            )
+        self._entries[entry.name] = entry
+        return entry
+
+    def entries(self) -> list[BenchEntry]:
+        """All entries, in registration order."""
+        return list(self._entries.values())
+
+    def get(self, name: str) -> BenchEntry:
+        """The entry called ``name``.
+
+        Raises:
+          KeyError: if there is none (the message lists the registered names).
+        """
+        try:
+            return self._entries[name]
+        except KeyError:
+            known = ", ".join(repr(n) for n in self._entries) or "none"
+            raise KeyError(f"no bench entry named {name!r}; registered: {known}") from None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+_DEFAULT = Registry()
+
+
+def register(entry: BenchEntry) -> BenchEntry:
+    """Adds ``entry`` to the default registry (see :meth:`Registry.register`)."""
+    return _DEFAULT.register(entry)
+
+
+def entries() -> list[BenchEntry]:
+    """The default registry's entries, in registration order."""
+    return _DEFAULT.entries()
+
+
+def get_entry(name: str) -> BenchEntry:
+    """The default registry's entry called ``name`` (see :meth:`Registry.get`)."""
+    return _DEFAULT.get(name)

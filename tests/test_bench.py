@@ -1,0 +1,230 @@
+"""The benchmark harness: registry rules, byte models, and a tiny end-to-end run.
+
+No timing thresholds anywhere: only that every number exists, is finite and positive, and
+that ratios are computed against the right reference.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from experiments.bench import SGD_NAME, BenchEntry, Registry, entries, get_entry, main
+from experiments.bench.bandwidth import add_in_place, measure_bandwidth
+from experiments.bench.cli import QUICK, parse_args
+from experiments.bench.timing import interleaved_times
+from experiments.bench.trees import model_like_shapes, model_like_tree, num_params, tree_nbytes
+from experiments.bench.updates import bench_updates
+
+_TINY = [
+    "--sizes", "1000", "--reps", "2", "--copy-mib", "4", "--copy-reps", "2",
+    "--models", "mlp", "--train-reps", "2", "--steps-per-rep", "1",
+]
+
+
+def _positive_finite(x) -> bool:
+    return isinstance(x, int | float) and math.isfinite(x) and x > 0
+
+
+def _entry(name: str, **kwargs) -> BenchEntry:
+    return BenchEntry(name=name, make=lambda: optax.sgd(0.1), bytes_per_param=8.0, **kwargs)
+
+
+# --- end to end -------------------------------------------------------------------------
+
+
+def test_main_quick_tiny_writes_every_entry(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["--quick", "--out", str(out), *_TINY]) == 0
+    result = json.loads(out.read_text())
+    names = [e.name for e in entries()]
+
+    assert {"jax_version", "backend", "device_kind", "cpu_count"} <= set(result["machine"])
+    assert _positive_finite(result["bandwidth_gbs"])
+    assert result["config"]["sizes"] == [1000]
+
+    updates = result["updates"]
+    assert [r["name"] for r in updates] == names
+    for r in updates:
+        for key in ("time_s", "gbs", "fraction_of_bandwidth", "ratio_to_sgd", "bytes_per_param"):
+            assert _positive_finite(r[key]), (r["name"], key, r[key])
+        assert r["num_params"] == num_params(model_like_tree(1000, np.random.default_rng(0)))
+        assert r["state_bytes"] >= 0
+        assert r["state_bytes_per_param"] == pytest.approx(r["state_bytes"] / r["num_params"])
+        assert len(r["times_s"]) == 2
+        if r["counterpart"] is None:
+            assert r["ratio_to_counterpart"] is None
+        else:
+            assert _positive_finite(r["ratio_to_counterpart"])
+    sgd_row = next(r for r in updates if r["name"] == SGD_NAME)
+    assert sgd_row["ratio_to_sgd"] == 1.0
+    assert sgd_row["state_bytes"] == 0
+
+    train = result["train_steps"]
+    assert [(r["model"], r["name"]) for r in train] == [("mlp", n) for n in names]
+    for r in train:
+        assert _positive_finite(r["step_time_s"])
+        assert _positive_finite(r["ratio_to_sgd"])
+    assert next(r for r in train if r["name"] == SGD_NAME)["ratio_to_sgd"] == 1.0
+
+    table = capsys.readouterr().out
+    assert "Memory bandwidth" in table
+    assert all(name in table for name in names)
+
+
+def test_parse_args_quick_and_overrides():
+    cfg, out = parse_args(["--quick"])
+    assert cfg == QUICK
+    assert out == "bench.json"
+    assert cfg.sizes == (1_000_000,)
+    full, _ = parse_args([])
+    assert full.sizes == (1_000_000, 10_000_000)
+    assert full.models == ("mlp", "cnn")
+    cfg, _ = parse_args(["--sizes", "1M", "2.5k", "300", "--models"])
+    assert cfg.sizes == (1_000_000, 2_500, 300)
+    assert cfg.models == ()
+    with pytest.raises(SystemExit):
+        parse_args(["--sizes", "0"])
+
+
+# --- registry ---------------------------------------------------------------------------
+
+
+def test_registry_rejects_duplicate_names():
+    registry = Registry()
+    registry.register(_entry("a"))
+    with pytest.raises(ValueError, match="'a' is already registered"):
+        registry.register(_entry("a"))
+
+
+def test_registry_counterpart_must_be_registered_first():
+    registry = Registry()
+    with pytest.raises(ValueError, match=r"counterpart 'b'.*not registered"):
+        registry.register(_entry("a", counterpart="b"))
+    registry.register(_entry("b"))
+    registry.register(_entry("a", counterpart="b"))
+    assert [e.name for e in registry.entries()] == ["b", "a"]
+    assert registry.get("a").counterpart == "b"
+    with pytest.raises(KeyError, match="'zzz'"):
+        registry.get("zzz")
+
+
+@pytest.mark.parametrize("bad", [0.0, -8.0, math.nan, math.inf])
+def test_entry_rejects_bad_byte_model(bad):
+    with pytest.raises(ValueError, match="bytes_per_param"):
+        BenchEntry(name="x", make=lambda: optax.sgd(0.1), bytes_per_param=bad)
+
+
+def test_entry_rejects_itself_as_counterpart():
+    with pytest.raises(ValueError, match="itself"):
+        _entry("x", counterpart="x")
+
+
+def test_default_registry_starts_with_the_baselines():
+    names = [e.name for e in entries()]
+    assert names[:3] == [SGD_NAME, "optax.sgd(momentum=0.9)", "optax.adam"]
+    for entry in entries():
+        if entry.counterpart is not None:
+            assert names.index(entry.counterpart) < names.index(entry.name)
+
+
+# --- byte models ------------------------------------------------------------------------
+
+
+def _compulsory_bytes(entry: BenchEntry, params) -> int:
+    """Bytes of every per-parameter array one update reads or writes (scalars ignored)."""
+    tx = entry.make()
+    grads = jax.tree.map(lambda p: 1e-3 * jnp.ones_like(p), params)
+    state = jax.jit(tx.init)(params)
+    updates, new_state = jax.jit(tx.update)(grads, state, params)
+
+    def arrays(tree):
+        return [leaf for leaf in jax.tree.leaves(tree) if np.ndim(leaf) > 0]
+
+    return tree_nbytes(arrays(grads) + arrays(state) + arrays(new_state) + arrays(updates))
+
+
+def test_sgd_byte_model_equals_grads_plus_updates():
+    params = model_like_tree(2000, np.random.default_rng(0))
+    sgd = get_entry(SGD_NAME)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = sgd.make().update(grads, sgd.make().init(params), params)
+    n = num_params(params)
+    assert tree_nbytes(grads) + tree_nbytes(updates) == sgd.bytes_per_param * n
+    assert _compulsory_bytes(sgd, params) == sgd.bytes_per_param * n
+
+
+@pytest.mark.parametrize("name", ["optax.sgd(momentum=0.9)", "optax.adam"])
+def test_baseline_byte_models_match_their_arrays(name):
+    params = model_like_tree(2000, np.random.default_rng(0))
+    entry = get_entry(name)
+    assert _compulsory_bytes(entry, params) == entry.bytes_per_param * num_params(params)
+
+
+# --- pieces -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("target", [1, 1000, 1_000_000, 10_000_000])
+def test_model_like_shapes_are_close_to_the_target(target):
+    shapes = jax.tree.leaves(model_like_shapes(target), is_leaf=lambda s: isinstance(s, tuple))
+    total = sum(math.prod(s) for s in shapes)
+    assert len(shapes) >= 8
+    assert len({len(s) for s in shapes}) >= 2
+    if target >= 1000:
+        assert abs(total - target) / target < 0.1
+
+
+def test_in_place_bandwidth_kernel_does_the_work():
+    # Donation must not let XLA skip the read/write: every call adds c to every element.
+    x = jnp.zeros((1024,), jnp.float32)
+    y = add_in_place(x, jnp.float32(1.0))
+    y = add_in_place(y, jnp.float32(1.0))
+    np.testing.assert_array_equal(np.asarray(y), np.full(1024, 2.0, np.float32))
+    assert x.is_deleted()  # the input buffer was reused for the output
+    result = measure_bandwidth(0.01, reps=2, warmup=1)
+    assert _positive_finite(result.gbs)
+    assert _positive_finite(result.fresh_output_gbs)
+    assert len(result.times_s) == len(result.fresh_output_times_s) == 2
+
+
+def test_interleaved_times_rotates_round_robin():
+    calls: list[str] = []
+    runners = {name: (lambda name=name: calls.append(name)) for name in "abc"}
+    times = interleaved_times(runners, reps=3, warmup=1)
+    assert calls == list("abc" + "abc" + "bca" + "cab")
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+    assert all(t >= 0 for ts in times.values() for t in ts)
+
+
+def _grad_fn_sgd(lr: float) -> optax.GradientTransformationExtraArgs:
+    """Steps along the gradient that ``grad_fn`` returns at the current params."""
+
+    def update(grads, state, params=None, *, grad_fn, **extra):
+        del grads, extra
+        return jax.tree.map(lambda g: -lr * g, grad_fn(params)), state
+
+    return optax.GradientTransformationExtraArgs(lambda p: optax.EmptyState(), update)
+
+
+def test_bench_updates_passes_grad_fn_and_reports_counterpart_ratio():
+    bench_entries = [
+        _entry(SGD_NAME),
+        BenchEntry(name="grad_fn_sgd", make=lambda: _grad_fn_sgd(0.1), bytes_per_param=20.0,
+                   counterpart=SGD_NAME, needs_grad_fn=True),
+        BenchEntry(name="no_params", make=lambda: optax.sgd(0.1), bytes_per_param=8.0,
+                   params_in_update=False),
+    ]
+    rows = bench_updates(bench_entries, [300], reps=2, bandwidth_gbs=1.0)
+    assert [r["name"] for r in rows] == ["optax.sgd", "grad_fn_sgd", "no_params"]
+    row = rows[1]
+    assert row["counterpart"] == SGD_NAME
+    assert row["ratio_to_counterpart"] == pytest.approx(row["ratio_to_sgd"])
+    assert _positive_finite(row["ratio_to_counterpart"])
+    assert rows[0]["ratio_to_counterpart"] is None
+    assert rows[0]["ratio_to_sgd"] == 1.0
