@@ -24,7 +24,7 @@ import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 USAGE_ERROR = 2
 
@@ -217,7 +217,7 @@ def _cmd_run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
 class _Parser(argparse.ArgumentParser):
     """An argparse parser whose errors are one line (raised as UsageError)."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         raise UsageError(f"{message} (see python -m experiments --help)")
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import jax
 import numpy as np
@@ -54,11 +54,10 @@ class RunResult(NamedTuple):
     final: dict[str, float]
 
 
-class BatchSource:
+class BatchSource(Protocol):
     """Anything with ``batch_at(step) -> {"x": ..., "y": ...}`` (a pure function of step)."""
 
-    def batch_at(self, step: int) -> dict[str, np.ndarray]:  # pragma: no cover - protocol
-        raise NotImplementedError
+    def batch_at(self, step: int) -> dict[str, np.ndarray]: ...
 
 
 def train(
