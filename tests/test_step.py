@@ -157,3 +157,15 @@ def test_batch_must_divide_devices():
 def test_too_many_devices_is_a_clear_error():
     with pytest.raises(ValueError, match=r"devices must be in \[1, 8\]"):
         make_train_step(_loss_fn, optax.sgd(0.1), num_devices=9)
+
+
+@pytest.mark.parametrize("num_devices", [1, 4])
+def test_donation_never_deletes_the_callers_arrays(num_devices):
+    params, model_state, batches = _setup()
+    tx = optax.sgd(0.1)
+    compiled = make_train_step(_loss_fn, tx, num_devices=num_devices)
+    for _ in range(2):  # the same params start two runs, as a notebook or a sweep does
+        state = compiled.put_state(init_train_state(params, model_state, tx, jax.random.key(0)))
+        state, _ = compiled.step(state, compiled.put_batch(batches[0]))
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(params))
+    np.testing.assert_array_equal(params["b1"], np.zeros(8, np.float32))

@@ -182,6 +182,7 @@ def make_train_step(
 
     Returns:
       A :class:`CompiledStep`; call ``step(put_state(state), put_batch(batch))``.
+      ``put_state`` always copies, so donating the state never deletes the caller's arrays.
     """
     donate_argnums = (0,) if donate else ()
     if jax.process_count() > 1 and num_devices != jax.device_count():
@@ -193,7 +194,8 @@ def make_train_step(
         device = jax.devices()[0]
         return CompiledStep(
             step=jax.jit(make_step_fn(loss_fn, tx), donate_argnums=donate_argnums),
-            put_state=lambda s: jax.device_put(s, device),
+            # A copy: the step donates its state, which must not delete the caller's arrays.
+            put_state=lambda s: jax.device_put(s, device, may_alias=False),
             put_batch=lambda b: jax.device_put(b, device),
             mesh=None,
         )
@@ -227,7 +229,9 @@ def _put_global(tree: Any, sharding: NamedSharding) -> Any:
     its copy of the full value (``make_array_from_callback``).
     """
     if jax.process_count() == 1:
-        return jax.device_put(tree, sharding)
+        # Copy first: resharding to a replicated layout reuses the caller's buffer as the
+        # first shard even with may_alias=False (jax 0.10.2), and the step donates it.
+        return jax.device_put(jax.tree.map(jnp.copy, tree), sharding)
 
     def one(x):
         x = np.asarray(jax.device_get(x))
