@@ -96,5 +96,5 @@ for n in sorted({1, len(jax.devices())}):
         state, metrics = compiled.step(state, compiled.put_batch(batches.batch_at(step)))
     final[n] = jax.tree.leaves(jax.device_get(state.params))
     print(f"{n} device(s): loss after 20 steps {float(metrics['loss']):.5f}")
-diff = max(float(np.max(np.abs(a - b))) for a, b in zip(final[1], final[max(final)]))
+diff = max(float(np.max(np.abs(a - b))) for a, b in zip(final[1], final[max(final)], strict=True))
 print(f"largest parameter difference, 1 vs {max(final)} devices: {diff:.2e}")

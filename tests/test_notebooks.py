@@ -37,7 +37,9 @@ def test_ipynb_is_in_sync_with_its_py_source(name):
 def test_notebook_executes_headless(name, tmp_path):
     assert name in SMOKE_PARAMETERS, f"add the smallest settings of {name} to SMOKE_PARAMETERS"
     notebook = jupytext.read(NOTEBOOKS / f"{name}.py")
-    index = next(i for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", []))
+    index = next(
+        i for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", [])
+    )
     notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(SMOKE_PARAMETERS[name]))
     client = NotebookClient(notebook, timeout=600, kernel_name="python3",
                             resources={"metadata": {"path": str(NOTEBOOKS)}})
