@@ -2,26 +2,13 @@
 
 from __future__ import annotations
 
-import operator
 from collections.abc import Iterator
 
 import numpy as np
 
+from optlab.validation import check_int_in_range
+
 __all__ = ["BatchIterator", "epoch_batches"]
-
-
-def _check_int(name: str, value: int, low: int, high: int | None = None, note: str = "") -> int:
-    allowed = (f"in [{low}, {high}]" if high is not None else f">= {low}") + note
-    message = f"{name} must be an integer {allowed}, got {value!r}"
-    if isinstance(value, bool):
-        raise ValueError(message)
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(message) from None
-    if value < low or (high is not None and value > high):
-        raise ValueError(message)
-    return value
 
 
 class BatchIterator:
@@ -71,10 +58,14 @@ class BatchIterator:
         self.x = x
         self.y = y
         self.num_examples = len(x)
-        self.batch_size = _check_int(
-            "batch_size", batch_size, 1, self.num_examples, " (the number of examples)"
+        self.batch_size = check_int_in_range(
+            "batch_size",
+            batch_size,
+            min_value=1,
+            max_value=self.num_examples,
+            note=" (the number of examples)",
         )
-        self.seed = _check_int("seed", seed, 0)
+        self.seed = check_int_in_range("seed", seed, min_value=0)
         self.shuffle = bool(shuffle)
         self.drop_remainder = bool(drop_remainder)
         self.position = 0
@@ -100,7 +91,7 @@ class BatchIterator:
 
     def batch_at(self, step: int) -> dict[str, np.ndarray]:
         """The batch of global step ``step >= 0``: ``{"x": ..., "y": ...}`` (copies)."""
-        step = _check_int("step", step, 0)
+        step = check_int_in_range("step", step, min_value=0)
         epoch, slot = divmod(step, self.steps_per_epoch)
         start = slot * self.batch_size
         indices = self.epoch_order(epoch)[start : start + self.batch_size]
@@ -125,7 +116,7 @@ def epoch_batches(x: np.ndarray, y: np.ndarray, batch_size: int) -> Iterator[dic
     """
     if len(x) != len(y):
         raise ValueError(f"x and y must have the same length, got {len(x)} and {len(y)}")
-    batch_size = _check_int("batch_size", batch_size, 1)
+    batch_size = check_int_in_range("batch_size", batch_size, min_value=1)
     return _slices(x, y, batch_size)  # validated eagerly, iterated lazily
 
 

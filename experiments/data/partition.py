@@ -6,9 +6,9 @@ example exactly once. All randomness comes from the ``rng`` argument.
 
 from __future__ import annotations
 
-import operator
-
 import numpy as np
+
+from optlab.validation import check_int_in_range
 
 __all__ = ["partition_dirichlet", "partition_iid", "partition_k_classes"]
 
@@ -22,23 +22,14 @@ def _as_labels(labels: np.ndarray) -> np.ndarray:
     return labels
 
 
-def _check_int(name: str, value: int, low: int, high: int | None = None, note: str = "") -> int:
-    """Validate ``low <= value <= high`` for an integer ``value``, naming the parameter."""
-    allowed = (f"in [{low}, {high}]" if high is not None else f">= {low}") + note
-    message = f"{name} must be an integer {allowed}, got {value!r}"
-    if isinstance(value, bool):
-        raise ValueError(message)
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(message) from None
-    if value < low or (high is not None and value > high):
-        raise ValueError(message)
-    return value
-
-
 def _check_num_parts(num_parts: int, num_examples: int) -> int:
-    return _check_int("num_parts", num_parts, 1, num_examples, " (the number of examples)")
+    return check_int_in_range(
+        "num_parts",
+        num_parts,
+        min_value=1,
+        max_value=num_examples,
+        note=" (the number of examples)",
+    )
 
 
 def partition_iid(
@@ -103,8 +94,10 @@ def partition_dirichlet(
     num_parts = _check_num_parts(num_parts, n)
     if not (np.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha must be a finite float > 0, got {alpha!r}")
-    min_size = _check_int("min_size", min_size, 0, n // num_parts, " (examples // num_parts)")
-    max_retries = _check_int("max_retries", max_retries, 1)
+    min_size = check_int_in_range(
+        "min_size", min_size, min_value=0, max_value=n // num_parts, note=" (examples // num_parts)"
+    )
+    max_retries = check_int_in_range("max_retries", max_retries, min_value=1)
 
     classes = np.unique(labels)
     members = [np.flatnonzero(labels == c) for c in classes]
@@ -165,7 +158,7 @@ def partition_k_classes(
     labels = _as_labels(labels)
     n = labels.size
     num_parts = _check_num_parts(num_parts, n)
-    k = _check_int("k", k, 1)
+    k = check_int_in_range("k", k, min_value=1)
     classes, counts = np.unique(labels, return_counts=True)
     num_shards = num_parts * k
     if not classes.size <= num_shards <= n:

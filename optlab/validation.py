@@ -23,24 +23,22 @@ def check_int_in_range(
     *,
     min_value: int | None = None,
     max_value: int | None = None,
+    note: str = "",
 ) -> int:
     """Returns ``value`` as an int, or raises ``ValueError`` naming ``name`` and the range.
 
     Booleans, floats (even integral ones such as ``5.0``), arrays and tracers are rejected:
-    a structural integer must be a plain Python/NumPy integer.
+    a structural integer must be a plain Python/NumPy integer. ``note`` says where a bound
+    comes from, e.g. ``" (the number of examples)"``.
     """
+    allowed = f"{name} must be an integer{_range_text(min_value, max_value)}{note}"
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(
-            f"{name} must be an integer{_range_text(min_value, max_value)}, "
-            f"got {value!r} of type {type(value).__name__}."
-        )
+        raise ValueError(f"{allowed}, got {value!r} of type {type(value).__name__}.")
     value = int(value)
     if (min_value is not None and value < min_value) or (
         max_value is not None and value > max_value
     ):
-        raise ValueError(
-            f"{name} must be an integer{_range_text(min_value, max_value)}, got {value}."
-        )
+        raise ValueError(f"{allowed}, got {value}.")
     return value
 
 
