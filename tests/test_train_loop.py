@@ -40,7 +40,7 @@ def _train(digits, run_dir, steps, *, tx=None, batches=None, devices=1, model="m
         evaluators={"test": make_evaluator(model, digits.x_test, digits.y_test)},
         metrics=MetricsWriter(run_dir / "metrics.jsonl", method="m", seed=0),
         log_every=5,
-        eval_every=10,
+        eval_every=kw.pop("eval_every", 10),
         checkpoint_every=kw.pop("checkpoint_every", 10),
         devices=devices,
         progress=False,
@@ -159,3 +159,19 @@ def test_data_parallel_loop_matches_single_device(digits, tmp_path):
     ):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=2e-5, atol=2e-6)
     assert abs(one.final["test_accuracy"] - four.final["test_accuracy"]) <= 1 / 128
+
+
+def test_records_of_a_run_killed_before_its_first_checkpoint_are_dropped(digits, tmp_path):
+    writer = MetricsWriter(tmp_path / "metrics.jsonl", method="m", seed=0)
+    writer.write({"step": 5, "train_loss": 123.0})  # left by a run killed at step 7
+    _train(digits, tmp_path, 10)
+    records = read_metrics(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in records] == [5, 10, 10]
+    assert records[0]["train_loss"] != 123.0
+
+
+def test_eval_between_log_steps_keeps_the_log_windows(digits, tmp_path):
+    _train(digits, tmp_path, 20, eval_every=4)  # log_every=5
+    records = [r for r in read_metrics(tmp_path / "metrics.jsonl") if not r.get("final")]
+    assert [r["step"] for r in records if "train_loss" in r] == [5, 10, 15, 20]
+    assert [r["step"] for r in records if "test_accuracy" in r] == [4, 8, 12, 16]

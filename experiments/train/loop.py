@@ -114,11 +114,13 @@ def train(
         start = checkpointer.latest_step()
         if start is not None:
             state = checkpointer.restore(like=state, step=start)
-            if metrics is not None:
-                metrics.truncate_after(start)
         start = start or 0
+        if metrics is not None:
+            # Records after the restored step (or all, for a run killed before its first
+            # checkpoint) are written again by the replay.
+            metrics.truncate_after(start)
 
-        def log_evals(step: int) -> dict[str, float]:
+        def evaluate_all() -> dict[str, float]:
             out = {}
             params, model_state = local_replica((state.params, state.model_state))
             for name, evaluate in evaluators.items():
@@ -152,13 +154,13 @@ def train(
             is_ckpt = done % checkpoint_every == 0 or done == steps
             if is_log or is_eval:
                 record: dict[str, Any] = {"step": done}
-                if window:
+                if is_log:
                     means = jax.tree.map(lambda *v: float(np.mean(v)), *to_host(window))
                     record.update({f"train_{k}": v for k, v in means.items()})
                     window = []
                 check_finite()
                 if is_eval:
-                    record.update(log_evals(done))
+                    record.update(evaluate_all())
                 record["wall_time_s"] = time.perf_counter() - t0
                 if metrics is not None:
                     metrics.write(record)
@@ -169,7 +171,7 @@ def train(
                 checkpointer.save(done, state)
         bar.close()
         checkpointer.wait()
-        final = log_evals(steps)
+        final = evaluate_all()
         if metrics is not None and final:
             metrics.write({"step": steps, "final": True, **final})
         return RunResult(state=state, final=final)
