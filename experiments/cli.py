@@ -178,25 +178,20 @@ def _cmd_run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         suffix = f"-{_config_hash(config_dict)}" if changed else ""
         workdir = Path("runs") / f"{args.name}-{args.variant}{suffix}"
     workdir = workdir.absolute()
-    import jax
+    from experiments.distributed import barrier, is_main_process
 
-    from experiments.distributed import barrier
-
-    main_process = jax.process_index() == 0
+    main_process = is_main_process()
+    record = {"experiment": args.name, "variant": args.variant, "config": config_dict}
     created = False
     if main_process:  # one writer; the others check after the barrier
-        created = _prepare_workdir(
-            workdir, {"experiment": args.name, "variant": args.variant, "config": config_dict}
-        )
+        created = _prepare_workdir(workdir, record)
         print(
             f"[{args.name}] variant={args.variant} devices={args.devices} workdir={workdir}",
             flush=True,
         )
     barrier("workdir")
     if not main_process:
-        _prepare_workdir(
-            workdir, {"experiment": args.name, "variant": args.variant, "config": config_dict}
-        )
+        _prepare_workdir(workdir, record)
     from experiments.data import DatasetNotFoundError
     from experiments.errors import ConfigError
 

@@ -20,7 +20,7 @@ import optax
 from tqdm.auto import tqdm
 
 from experiments.data import BatchIterator, Dataset, load_dataset
-from experiments.distributed import local_replica
+from experiments.distributed import is_main_process, local_replica
 from experiments.errors import ConfigError
 from experiments.models import make_model, model_names
 from experiments.optimizers import make_optimizer, validate_spec
@@ -122,7 +122,7 @@ def run_suite(
     "train_loss", "steps", "wall_time_s"}``. Metrics stream to ``workdir/metrics.jsonl``.
     """
     dataset = dataset if dataset is not None else load_suite_data(config, devices)
-    progress = progress and jax.process_index() == 0
+    progress = progress and is_main_process()
     methods = list(methods if methods is not None else config.method_names)
     model = make_model(config.model, num_classes=dataset.num_classes)
     loss_fn = classification_loss(model)

@@ -216,7 +216,9 @@ def make_train_step(
 
     return CompiledStep(
         step=jax.jit(sharded, donate_argnums=donate_argnums),
-        put_state=lambda s: _put_global(s, replicated),
+        # Copy first: resharding to a replicated layout reuses the caller's buffer as the
+        # first shard even with may_alias=False (jax 0.10.2), and the step donates it.
+        put_state=lambda s: _put_global(jax.tree.map(jnp.copy, s), replicated),
         put_batch=put_batch,
         mesh=mesh,
     )
@@ -229,9 +231,7 @@ def _put_global(tree: Any, sharding: NamedSharding) -> Any:
     its copy of the full value (``make_array_from_callback``).
     """
     if jax.process_count() == 1:
-        # Copy first: resharding to a replicated layout reuses the caller's buffer as the
-        # first shard even with may_alias=False (jax 0.10.2), and the step donates it.
-        return jax.device_put(jax.tree.map(jnp.copy, tree), sharding)
+        return jax.device_put(tree, sharding)
 
     def one(x):
         x = np.asarray(jax.device_get(x))
