@@ -19,12 +19,25 @@ from experiments.bench import SGD_NAME, BenchEntry, Registry, entries, get_entry
 from experiments.bench.bandwidth import add_in_place, measure_bandwidth
 from experiments.bench.cli import QUICK, parse_args
 from experiments.bench.timing import interleaved_times
-from experiments.bench.trees import model_like_shapes, model_like_tree, num_params, tree_nbytes
+from experiments.bench.trees import model_like_shapes, model_like_tree, tree_nbytes
 from experiments.bench.updates import bench_updates
+from experiments.models import param_count
 
 _TINY = [
-    "--sizes", "1000", "--reps", "2", "--copy-mib", "4", "--copy-reps", "2",
-    "--models", "mlp", "--train-reps", "2", "--steps-per-rep", "1",
+    "--sizes",
+    "1000",
+    "--reps",
+    "2",
+    "--copy-mib",
+    "4",
+    "--copy-reps",
+    "2",
+    "--models",
+    "mlp",
+    "--train-reps",
+    "2",
+    "--steps-per-rep",
+    "1",
 ]
 
 
@@ -54,7 +67,7 @@ def test_main_quick_tiny_writes_every_entry(tmp_path, capsys):
     for r in updates:
         for key in ("time_s", "gbs", "fraction_of_bandwidth", "ratio_to_sgd", "bytes_per_param"):
             assert _positive_finite(r[key]), (r["name"], key, r[key])
-        assert r["num_params"] == num_params(model_like_tree(1000, np.random.default_rng(0)))
+        assert r["num_params"] == param_count(model_like_tree(1000, np.random.default_rng(0)))
         assert r["state_bytes"] >= 0
         assert r["state_bytes_per_param"] == pytest.approx(r["state_bytes"] / r["num_params"])
         assert len(r["times_s"]) == 2
@@ -155,7 +168,7 @@ def test_sgd_byte_model_equals_grads_plus_updates():
     sgd = get_entry(SGD_NAME)
     grads = jax.tree.map(jnp.ones_like, params)
     updates, _ = sgd.make().update(grads, sgd.make().init(params), params)
-    n = num_params(params)
+    n = param_count(params)
     assert tree_nbytes(grads) + tree_nbytes(updates) == sgd.bytes_per_param * n
     assert _compulsory_bytes(sgd, params) == sgd.bytes_per_param * n
 
@@ -164,7 +177,7 @@ def test_sgd_byte_model_equals_grads_plus_updates():
 def test_baseline_byte_models_match_their_arrays(name):
     params = model_like_tree(2000, np.random.default_rng(0))
     entry = get_entry(name)
-    assert _compulsory_bytes(entry, params) == entry.bytes_per_param * num_params(params)
+    assert _compulsory_bytes(entry, params) == entry.bytes_per_param * param_count(params)
 
 
 # --- pieces -----------------------------------------------------------------------------
@@ -215,10 +228,19 @@ def _grad_fn_sgd(lr: float) -> optax.GradientTransformationExtraArgs:
 def test_bench_updates_passes_grad_fn_and_reports_counterpart_ratio():
     bench_entries = [
         _entry(SGD_NAME),
-        BenchEntry(name="grad_fn_sgd", make=lambda: _grad_fn_sgd(0.1), bytes_per_param=20.0,
-                   counterpart=SGD_NAME, needs_grad_fn=True),
-        BenchEntry(name="no_params", make=lambda: optax.sgd(0.1), bytes_per_param=8.0,
-                   params_in_update=False),
+        BenchEntry(
+            name="grad_fn_sgd",
+            make=lambda: _grad_fn_sgd(0.1),
+            bytes_per_param=20.0,
+            counterpart=SGD_NAME,
+            needs_grad_fn=True,
+        ),
+        BenchEntry(
+            name="no_params",
+            make=lambda: optax.sgd(0.1),
+            bytes_per_param=8.0,
+            params_in_update=False,
+        ),
     ]
     rows = bench_updates(bench_entries, [300], reps=2, bandwidth_gbs=1.0)
     assert [r["name"] for r in rows] == ["optax.sgd", "grad_fn_sgd", "no_params"]

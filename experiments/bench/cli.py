@@ -92,17 +92,30 @@ def _parser() -> argparse.ArgumentParser:
             "and CNN. Tables go to stdout, progress to stderr, everything to a JSON file."
         ),
     )
-    p.add_argument("--quick", action="store_true",
-                   help="1M parameters only and fewer repetitions (well under a minute)")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="1M parameters only and fewer repetitions (well under a minute)",
+    )
     p.add_argument("--out", default="bench.json", help="JSON output path (default: %(default)s)")
     over = p.add_argument_group("overrides (default: the --quick or full setting)")
-    over.add_argument("--sizes", nargs="+", type=_count, metavar="N",
-                      help="update-benchmark parameter counts, e.g. 1M 10M")
+    over.add_argument(
+        "--sizes",
+        nargs="+",
+        type=_count,
+        metavar="N",
+        help="update-benchmark parameter counts, e.g. 1M 10M",
+    )
     over.add_argument("--reps", type=_positive_int, help="update repetitions per entry")
     over.add_argument("--copy-mib", type=_positive_float, help="bandwidth copy size in MiB")
     over.add_argument("--copy-reps", type=_positive_int, help="bandwidth copy repetitions")
-    over.add_argument("--models", nargs="*", metavar="MODEL", choices=model_names(),
-                      help="train-step models, of: %(choices)s (none: skip this part)")
+    over.add_argument(
+        "--models",
+        nargs="*",
+        metavar="MODEL",
+        choices=model_names(),
+        help="train-step models, of: %(choices)s (none: skip this part)",
+    )
     over.add_argument("--train-reps", type=_positive_int, help="train-step samples per entry")
     over.add_argument("--steps-per-rep", type=_positive_int, help="train steps per sample")
     over.add_argument("--batch-size", type=_positive_int, help="train-step batch size")
@@ -142,8 +155,12 @@ def run_bench(cfg: BenchConfig, bench_entries: Sequence[BenchEntry]) -> dict[str
     progress(f"train steps: models {list(cfg.models)}, {cfg.train_reps} samples")
     t0 = time.perf_counter()
     train = bench_train_steps(
-        bench_entries, cfg.models, reps=cfg.train_reps, steps_per_rep=cfg.steps_per_rep,
-        batch_size=cfg.batch_size, dataset=cfg.dataset,
+        bench_entries,
+        cfg.models,
+        reps=cfg.train_reps,
+        steps_per_rep=cfg.steps_per_rep,
+        batch_size=cfg.batch_size,
+        dataset=cfg.dataset,
     )
     timings["train_steps_s"] = time.perf_counter() - t0
 

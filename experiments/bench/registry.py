@@ -70,8 +70,10 @@ class BenchEntry:
         if not callable(self.make):
             raise ValueError(f"BenchEntry.make must be callable, got {self.make!r}")
         bpp = self.bytes_per_param
-        if isinstance(bpp, bool) or not isinstance(bpp, int | float) or not (
-            math.isfinite(bpp) and bpp > 0
+        if (
+            isinstance(bpp, bool)
+            or not isinstance(bpp, int | float)
+            or not (math.isfinite(bpp) and bpp > 0)
         ):
             raise ValueError(
                 f"BenchEntry.bytes_per_param must be a finite number > 0, got {bpp!r} "

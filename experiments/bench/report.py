@@ -119,15 +119,29 @@ def format_report(result: dict[str, Any]) -> str:
             f"Optimizer update: jit(tx.update), median of {cfg['reps']} interleaved reps. "
             "GB/s = byte model x params / time; 'of bw' = GB/s / memory bandwidth.",
             format_table(
-                ["entry", "params", "B/param", "time ms", "GB/s", "of bw", "vs sgd",
-                 "vs cpart", "state B/param", "counterpart"],
+                [
+                    "entry",
+                    "params",
+                    "B/param",
+                    "time ms",
+                    "GB/s",
+                    "of bw",
+                    "vs sgd",
+                    "vs cpart",
+                    "state B/param",
+                    "counterpart",
+                ],
                 [
                     [
-                        r["name"], _count(r["num_params"]), f"{r['bytes_per_param']:g}",
-                        _ms(r["time_s"]), f"{r['gbs']:.2f}",
+                        r["name"],
+                        _count(r["num_params"]),
+                        f"{r['bytes_per_param']:g}",
+                        _ms(r["time_s"]),
+                        f"{r['gbs']:.2f}",
                         f"{100 * r['fraction_of_bandwidth']:.0f}%{_cache_mark(r, llc)}",
                         _ratio(r["ratio_to_sgd"]),
-                        _ratio(r["ratio_to_counterpart"]), f"{r['state_bytes_per_param']:.2f}",
+                        _ratio(r["ratio_to_counterpart"]),
+                        f"{r['state_bytes_per_param']:.2f}",
                         r["counterpart"] or "",
                     ]
                     for r in result["updates"]
@@ -149,8 +163,12 @@ def format_report(result: dict[str, Any]) -> str:
                 ["model", "entry", "params", "step ms", "vs sgd", "vs cpart", "counterpart"],
                 [
                     [
-                        r["model"], r["name"], _count(r["num_params"]), _ms(r["step_time_s"]),
-                        _ratio(r["ratio_to_sgd"]), _ratio(r["ratio_to_counterpart"]),
+                        r["model"],
+                        r["name"],
+                        _count(r["num_params"]),
+                        _ms(r["step_time_s"]),
+                        _ratio(r["ratio_to_sgd"]),
+                        _ratio(r["ratio_to_counterpart"]),
                         r["counterpart"] or "",
                     ]
                     for r in result["train_steps"]
@@ -170,4 +188,3 @@ def write_json(result: dict[str, Any], path: str | os.PathLike[str]) -> Path:
     tmp.write_text(json.dumps(result, indent=2, allow_nan=False) + "\n")
     tmp.replace(path)
     return path
-

@@ -11,9 +11,8 @@ import numpy as np
 
 from experiments.bench.registry import SGD_NAME, BenchEntry
 from experiments.bench.timing import interleaved_times, median, ratio
-from experiments.bench.trees import num_params
 from experiments.data import load_dataset
-from experiments.models import make_model
+from experiments.models import make_model, param_count
 from experiments.train.losses import classification_loss
 from experiments.train.step import init_train_state, make_train_step
 
@@ -63,12 +62,9 @@ def bench_train_steps(
         for entry in entries:
             tx = entry.make()
             compiled = make_train_step(loss_fn, tx)
-            # Fresh buffers per entry: the step donates its state, and the state may alias
-            # arrays shared between entries (initial params, the key; an optimizer state
-            # that stores params), which device_put onto the same device does not copy.
-            state = init_train_state(params, model_state, tx, key)
-            state = jax.device_put(state, may_alias=False)
-            holder = {"state": compiled.put_state(state)}
+            # put_state copies, so donating one entry's state leaves the shared initial
+            # params (and the other entries' states) intact.
+            holder = {"state": compiled.put_state(init_train_state(params, model_state, tx, key))}
             batch = compiled.put_batch(host_batch)
 
             def run(compiled=compiled, holder=holder, batch=batch) -> None:
@@ -88,7 +84,7 @@ def bench_train_steps(
                 {
                     "model": model_name,
                     "name": entry.name,
-                    "num_params": num_params(params),
+                    "num_params": param_count(params),
                     "batch_size": batch_size,
                     "step_time_s": t,
                     "ratio_to_sgd": ratio(t, med.get(SGD_NAME)),

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-__all__ = ["model_like_shapes", "model_like_tree", "num_params", "tree_nbytes"]
+__all__ = ["model_like_shapes", "model_like_tree", "tree_nbytes"]
 
 PyTree = Any
 
@@ -56,11 +56,6 @@ def model_like_tree(target: int, rng: np.random.Generator, *, scale: float = 1.0
             is_leaf=lambda s: isinstance(s, tuple),
         )
     )
-
-
-def num_params(tree: PyTree) -> int:
-    """Number of scalar entries over all leaves."""
-    return int(sum(np.size(leaf) for leaf in jax.tree.leaves(tree)))
 
 
 def tree_nbytes(tree: PyTree) -> int:

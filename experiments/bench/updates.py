@@ -11,7 +11,8 @@ import optax
 
 from experiments.bench.registry import SGD_NAME, BenchEntry
 from experiments.bench.timing import interleaved_times, median, ratio
-from experiments.bench.trees import model_like_tree, num_params, tree_nbytes
+from experiments.bench.trees import model_like_tree, tree_nbytes
+from experiments.models import param_count
 
 __all__ = ["bench_updates", "make_update_fn", "quadratic_grad_fn"]
 
@@ -93,7 +94,7 @@ def bench_updates(
         params = model_like_tree(size, rng, scale=0.05)
         grads = model_like_tree(size, rng, scale=1e-3)
         target = model_like_tree(size, rng, scale=0.05)
-        n = num_params(params)
+        n = param_count(params)
         runners, state_bytes = _make_runners(entries, grads, params, target)
         times = interleaved_times(runners, reps=reps, desc=f"updates {n:,}")
         med = {name: median(ts) for name, ts in times.items()}
@@ -141,4 +142,3 @@ def _make_runners(
 
         runners[entry.name] = run
     return runners, state_bytes
-
