@@ -25,8 +25,11 @@ from experiments.errors import ConfigError
 from experiments.models import make_model, model_names
 from experiments.optimizers import make_optimizer, validate_spec
 from experiments.train import MetricsWriter, classification_loss, make_evaluator, train
+from experiments.train.step import TrainState
 
 TxFactory = Callable[[str, Mapping[str, Any], int], optax.GradientTransformation]
+EvalParams = Callable[[TrainState], Any]
+FinalMetrics = Callable[[str, Any, Any, Dataset], dict[str, float]]
 
 
 def default_tx_factory(
@@ -115,11 +118,20 @@ def run_suite(
     methods: Sequence[str] | None = None,
     devices: int = 1,
     progress: bool = True,
+    eval_params: EvalParams | None = None,
+    final_metrics: FinalMetrics | None = None,
 ) -> list[dict[str, Any]]:
     """Trains every (method, seed) and returns one final-metrics record per run.
 
     Records: ``{"method", "seed", "test_accuracy", "test_loss", "train_accuracy",
     "train_loss", "steps", "wall_time_s"}``. Metrics stream to ``workdir/metrics.jsonl``.
+
+    Args:
+      eval_params: the weights evaluated (during training and at the end) as a function of
+        the train state, e.g. Lookahead's slow weights; default ``state.params``.
+      final_metrics: ``fn(method, params, model_state, dataset) -> {name: float}`` run once
+        per run on the final evaluated weights (e.g. the top Hessian eigenvalue); its
+        entries are added to the record.
     """
     dataset = dataset if dataset is not None else load_suite_data(config, devices)
     progress = progress and is_main_process()
@@ -154,8 +166,13 @@ def run_suite(
             devices=devices,
             progress=progress,
             description=f"{method} seed {seed}",
+            eval_params=eval_params,
         )
-        final_train = train_eval(*local_replica((result.state.params, result.state.model_state)))
+        state = result.state
+        weights = eval_params(state) if eval_params is not None else state.params
+        weights, model_state = local_replica((weights, state.model_state))
+        final_train = train_eval(weights, model_state)
+        extra = final_metrics(method, weights, model_state, dataset) if final_metrics else {}
         records.append(
             {
                 "method": method,
@@ -166,6 +183,7 @@ def run_suite(
                 "train_loss": final_train["loss"],
                 "steps": config.steps,
                 "wall_time_s": time.perf_counter() - t0,
+                **extra,
             }
         )
     return records

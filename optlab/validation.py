@@ -14,7 +14,7 @@ from typing import Any
 import jax
 import numpy as np
 
-__all__ = ["check_float_in_range", "check_int_in_range"]
+__all__ = ["check_float_in_range", "check_injectable_int", "check_int_in_range"]
 
 
 def check_int_in_range(
@@ -40,6 +40,33 @@ def check_int_in_range(
     ):
         raise ValueError(f"{allowed}, got {value}.")
     return value
+
+
+def check_injectable_int(
+    name: str,
+    value: Any,
+    *,
+    min_value: int | None = None,
+    max_value: int | None = None,
+) -> Any:
+    """Like :func:`check_int_in_range`, but also lets integer JAX values through.
+
+    ``optax.inject_hyperparams`` hands every numeric argument, integers included, to the
+    factory as a JAX array (a concrete one in ``init``, a tracer in ``update``). An integer
+    knob that only enters arithmetic (a period used in ``count % period``) can accept that:
+    concrete 0-d integer arrays are checked and returned as ``int``; tracers pass unchecked
+    (they were checked when concrete). Floats, booleans and non-scalar arrays are rejected.
+    """
+    if isinstance(value, jax.core.Tracer):
+        if value.ndim == 0 and np.issubdtype(value.dtype, np.integer):
+            return value
+        raise ValueError(
+            f"{name} must be an integer scalar, got a traced {value.dtype}{value.shape}."
+        )
+    is_array = isinstance(value, jax.Array | np.ndarray)
+    if is_array and value.ndim == 0 and np.issubdtype(value.dtype, np.integer):
+        value = int(value)
+    return check_int_in_range(name, value, min_value=min_value, max_value=max_value)
 
 
 def check_float_in_range(

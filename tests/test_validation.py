@@ -74,3 +74,24 @@ def test_float_passes_schedules_and_tracers_through():
     assert check_float_in_range("alpha", schedule, high=1.0) is schedule
     out = jax.jit(lambda a: check_float_in_range("alpha", a, low=0.0, high=1.0) * 2)(3.0)
     assert float(out) == 6.0
+
+
+def test_check_injectable_int_accepts_concrete_and_traced_integers():
+    import jax
+    import jax.numpy as jnp
+
+    from optlab.validation import check_injectable_int
+
+    assert check_injectable_int("k", 5, min_value=1) == 5
+    assert check_injectable_int("k", jnp.asarray(5), min_value=1) == 5  # inject_hyperparams init
+    with pytest.raises(ValueError, match=r"k must be an integer >= 1, got 0"):
+        check_injectable_int("k", jnp.asarray(0), min_value=1)
+    with pytest.raises(ValueError, match="k must be an integer"):
+        check_injectable_int("k", jnp.asarray(5.0), min_value=1)
+    with pytest.raises(ValueError, match="k must be an integer"):
+        check_injectable_int("k", 5.0, min_value=1)
+    seen = []
+    jax.jit(lambda k: seen.append(check_injectable_int("k", k, min_value=1)) or k)(3)
+    assert len(seen) == 1
+    with pytest.raises(ValueError, match="integer scalar"):
+        jax.jit(lambda k: check_injectable_int("k", k, min_value=1))(3.0)

@@ -78,6 +78,7 @@ def train(
     devices: int = 1,
     progress: bool = True,
     description: str = "train",
+    eval_params: Callable[[TrainState], PyTree] | None = None,
 ) -> RunResult:
     """Trains for ``steps`` steps, resuming from ``run_dir`` if it holds a checkpoint.
 
@@ -97,6 +98,9 @@ def train(
       checkpoint_every: steps between checkpoints; one is always written at the end.
       devices: data-parallel devices (1: plain jit).
       progress: show a tqdm bar.
+      eval_params: which weights the evaluators see, as a function of the train state
+        (default: ``state.params``). Lookahead evaluates its slow weights with
+        ``lambda s: optlab.slow_params(s.opt_state)``.
 
     Returns:
       A :class:`RunResult`; ``final`` holds ``{f"{name}_{metric}"}`` from the evaluators.
@@ -122,7 +126,8 @@ def train(
 
         def evaluate_all() -> dict[str, float]:
             out = {}
-            params, model_state = local_replica((state.params, state.model_state))
+            weights = eval_params(state) if eval_params is not None else state.params
+            params, model_state = local_replica((weights, state.model_state))
             for name, evaluate in evaluators.items():
                 for key, value in evaluate(params, model_state).items():
                     out[f"{name}_{key}"] = value
