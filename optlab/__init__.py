@@ -7,13 +7,18 @@ Every public optimizer is a pure ``optax.GradientTransformation`` (or
 """
 
 from optlab import parallel
+from optlab.lookahead import LookaheadState, lookahead, multilayer_lookahead, slow_params
 from optlab.parallel import data_parallel_value_and_grad, pvary
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "LookaheadState",
     "__version__",
     "data_parallel_value_and_grad",
+    "lookahead",
+    "multilayer_lookahead",
     "parallel",
     "pvary",
+    "slow_params",
 ]
