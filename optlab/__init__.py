@@ -6,19 +6,46 @@ Every public optimizer is a pure ``optax.GradientTransformation`` (or
 ``axis_name`` and run unchanged under ``jax.vmap``, ``jax.shard_map`` and multi-host JAX.
 """
 
-from optlab import parallel
+from optlab import parallel, perturbation
+from optlab.average_direction_sam import AverageDirectionSAMState, average_direction_sam
+from optlab.extrapolation import (
+    ExtrapolationState,
+    extrap_sgd,
+    extrapolation,
+    extrapolation_eval_params,
+)
 from optlab.lookahead import LookaheadState, lookahead, multilayer_lookahead, slow_params
 from optlab.parallel import data_parallel_value_and_grad, pvary
+from optlab.perturbation import grad_at_point, safe_global_norm
+from optlab.sa_sam import SASAMState, sa_sam
+from optlab.sam import SAMState, asam_scale, sam
+from optlab.sharpness import hessian_top_eigenvalue, hessian_trace
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AverageDirectionSAMState",
+    "ExtrapolationState",
     "LookaheadState",
+    "SAMState",
+    "SASAMState",
     "__version__",
+    "asam_scale",
+    "average_direction_sam",
     "data_parallel_value_and_grad",
+    "extrap_sgd",
+    "extrapolation",
+    "extrapolation_eval_params",
+    "grad_at_point",
+    "hessian_top_eigenvalue",
+    "hessian_trace",
     "lookahead",
     "multilayer_lookahead",
     "parallel",
+    "perturbation",
     "pvary",
+    "sa_sam",
+    "safe_global_norm",
+    "sam",
     "slow_params",
 ]
