@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from functools import partial
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -144,8 +145,9 @@ def multilayer_lookahead(
     params per level). Nesting :func:`lookahead` by hand gives the same trajectory when the
     outer period counts fast steps:
     ``lookahead(lookahead(inner, k1, a1), k1 * k2, a2) == multilayer_lookahead(inner,
-    ((k1, a1), (k2, a2)))``. Off-sync steps only emit the inner update: the sync arithmetic
-    sits in a ``lax.switch`` branch that costs nothing when not taken.
+    ((k1, a1), (k2, a2)))``. The sync arithmetic is an elementwise blend fused into one pass
+    over the params, the inner update and the slow copies (no ``lax.cond``: its outputs
+    would be fresh copies of the slow weights on every step anyway).
 
     Args:
       inner: the fast optimizer; extra args are forwarded to it.
@@ -243,43 +245,40 @@ def _lookahead_levels(
                 "lookahead needs params: call update(grads, state, params) (the slow "
                 "weights live in the state; params are the fast weights)."
             )
-        # Re-anchor the levels whose cycle starts now to the current params (exact resets
-        # were stored at the last sync; this also follows params moved from outside).
+        # Levels whose cycle starts now are re-anchored to the current params (exact resets
+        # were stored at the last sync; this also follows params moved from outside, e.g. by
+        # an outer lookahead). ``synced`` levels sync after this fast step, bottom-up.
         start = depth(state.cycle_step)
-        anchor_branches = [
-            (lambda s, d=d: tuple(params if i < d else s[i] for i in range(num_levels)))
-            for d in range(num_levels + 1)
-        ]
-        slow = jax.lax.switch(start, anchor_branches, state.slow)
-
         fast_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         count = state.cycle_step + 1
         synced = depth(count)
 
-        def sync_branch(d: int):
-            def branch(operands):
-                fast_updates, slow, inner_state, cached = operands
-                if d == 0:
-                    return fast_updates, slow, inner_state, cached
-                below = jax.tree.map(lambda p, u: p + u.astype(p.dtype), params, fast_updates)
-                for level in range(d):
-                    a = alphas[level]
-                    below = jax.tree.map(
-                        lambda s, b, a=a: (s + a * (b - s)).astype(s.dtype), slow[level], below
-                    )
-                new_slow = tuple(below if i < d else slow[i] for i in range(num_levels))
-                jump = jax.tree.map(
-                    lambda n, p, u: (n - p).astype(u.dtype), below, params, fast_updates
-                )
-                inner_state, cached = _handle_momentum(inner_state, cached, momentum, alphas[0])
-                return jump, new_slow, inner_state, cached
+        # One fused elementwise pass per leaf: jnp.where blends, not lax.cond/switch. The
+        # slow weights must be read and written either way (a conditional's outputs are
+        # fresh buffers), and the blend costs the same on every step with no branch copies.
+        def leaf(p, u, *slows):
+            x_new = p + u.astype(p.dtype)
+            top, below = x_new, x_new
+            anchored = []
+            for level, s in enumerate(slows):
+                s = jnp.where(start > level, p, s)
+                anchored.append(s)
+                below = (s + alphas[level] * (below - s)).astype(s.dtype)
+                top = jnp.where(synced > level, below, top)
+            new_slows = tuple(jnp.where(synced > level, top, s) for level, s in enumerate(anchored))
+            jump = jnp.where(synced > 0, (top - p).astype(u.dtype), u)
+            return jump, new_slows
 
-            return branch
-
-        out_updates, slow, inner_state, cached = jax.lax.switch(
-            synced,
-            [sync_branch(d) for d in range(num_levels + 1)],
-            (fast_updates, slow, inner_state, state.cached_momentum),
+        leaves_p, treedef = jax.tree.flatten(params)
+        leaves_u = jax.tree.leaves(fast_updates)
+        leaves_s = [jax.tree.leaves(s) for s in state.slow]
+        outs = [leaf(p, u, *ss) for p, u, *ss in zip(leaves_p, leaves_u, *leaves_s, strict=True)]
+        out_updates = jax.tree.unflatten(treedef, [o[0] for o in outs])
+        slow = tuple(
+            jax.tree.unflatten(treedef, [o[1][level] for o in outs]) for level in range(num_levels)
+        )
+        inner_state, cached = _handle_momentum(
+            inner_state, state.cached_momentum, momentum, alphas[0], synced > 0
         )
         top = cycle_lengths()[-1]
         return out_updates, LookaheadState(
@@ -320,19 +319,28 @@ def _set_momenta(inner_state: PyTree, buffers: Sequence[PyTree]) -> PyTree:
 
 
 def _handle_momentum(
-    inner_state: PyTree, cached: tuple[PyTree, ...], momentum: str, alpha: Any
+    inner_state: PyTree, cached: tuple[PyTree, ...], momentum: str, alpha: Any, sync: jax.Array
 ) -> tuple[PyTree, tuple[PyTree, ...]]:
+    """Resets or pulls back the first-moment buffers where ``sync`` (a blend, no branch)."""
     if momentum == "keep":
         return inner_state, cached
     buffers = _get_momenta(inner_state)
     if momentum == "reset":
-        new = tuple(jax.tree.map(jnp.zeros_like, b) for b in buffers)
+        new = tuple(
+            jax.tree.map(lambda m: jnp.where(sync, jnp.zeros_like(m), m), b) for b in buffers
+        )
         return _set_momenta(inner_state, new), cached
-    new = tuple(
+    pulled = tuple(
         jax.tree.map(lambda m, c: (alpha * m + (1 - alpha) * c).astype(m.dtype), b, c)
         for b, c in zip(buffers, cached, strict=True)
     )
-    return _set_momenta(inner_state, new), new
+    new = tuple(
+        jax.tree.map(partial(jnp.where, sync), p, b) for p, b in zip(pulled, buffers, strict=True)
+    )
+    new_cached = tuple(
+        jax.tree.map(partial(jnp.where, sync), p, c) for p, c in zip(pulled, cached, strict=True)
+    )
+    return _set_momenta(inner_state, new), new_cached
 
 
 def slow_params(opt_state: PyTree) -> PyTree:
