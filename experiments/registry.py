@@ -23,6 +23,7 @@ EXPERIMENTS: dict[str, Experiment] = {
     e.name: e
     for e in (
         Experiment("baselines", "experiments.runners.baselines", "experiments.configs.baselines"),
+        Experiment("lookahead", "experiments.runners.lookahead", "experiments.configs.lookahead"),
         # Later issues add: lookahead, sam, extrapolation, ...
     )
 }

@@ -112,8 +112,18 @@ def write_results(
     verdicts: Sequence[Verdict] = (),
     notes: Sequence[str] = (),
     plots: Sequence[str] = (),
+    description: str | None = None,
+    sections: Sequence[str] = (),
+    extra: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Writes ``results.json`` and ``results.md``; returns the JSON content."""
+    """Writes ``results.json`` and ``results.md``; returns the JSON content.
+
+    Args:
+      description: the line above the table (default: dataset, model, steps, batch and
+        seeds read from ``config``).
+      sections: further Markdown blocks, placed after the table and before the verdicts.
+      extra: further top-level fields of ``results.json``.
+    """
     workdir = Path(workdir)
     summary = summarize(runs)
     results = {
@@ -124,20 +134,27 @@ def write_results(
         "summary": summary,
         "verdicts": [v._asdict() for v in verdicts],
         "notes": list(notes),
+        **(extra or {}),
     }
     (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+    if description is None:
+        description = (
+            f"Dataset `{config.get('dataset')}`, model `{config.get('model')}`, "
+            f"{config.get('steps')} steps of batch {config.get('batch_size')}, "
+            f"seeds {list(config.get('seeds', []))}; final metrics, mean ± std over seeds."
+        )
     lines = [
         f"# {experiment}",
         "",
         f"**Claim checked.** {claim}",
         "",
-        f"Dataset `{config.get('dataset')}`, model `{config.get('model')}`, "
-        f"{config.get('steps')} steps of batch {config.get('batch_size')}, "
-        f"seeds {list(config.get('seeds', []))}; final metrics, mean ± std over seeds.",
+        description,
         "",
         markdown_table(summary),
         "",
     ]
+    for section in sections:
+        lines += [section.rstrip("\n"), ""]
     if verdicts:
         lines += ["## Verdicts", "", *[v.line() for v in verdicts], ""]
     if notes:
@@ -192,5 +209,124 @@ def plot_curves(
         fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(workdir / filename, dpi=110)
+    plt.close(fig)
+    return filename
+
+
+def grid_spread(
+    runs: Sequence[Mapping[str, Any]],
+    groups: Mapping[str, Sequence[str]],
+    *,
+    metric: str = "test_accuracy",
+) -> list[dict[str, Any]]:
+    """Per-seed sensitivity of ``metric`` across a grid of settings (e.g. learning rates).
+
+    Each group names the runs' methods that are its grid points (one method trained at
+    several learning rates, say). For every seed present at every grid point, one record
+    ``{"method": group, "seed", f"{metric}_range", f"{metric}_grid_mean",
+    f"{metric}_grid_min"}``: the spread (max - min), mean and worst value of ``metric``
+    over the grid for that seed. The records go through :func:`summarize` and
+    :func:`compare` like ordinary runs (a smaller range is a less sensitive method).
+
+    Raises:
+      ValueError: if a group has fewer than two grid points or no seed common to all.
+    """
+    value = {(r["method"], r["seed"]): float(r[metric]) for r in runs}
+    records = []
+    for group, members in groups.items():
+        if len(members) < 2:
+            raise ValueError(f"grid {group!r} needs at least two points, got {list(members)}")
+        seed_sets = [{s for (m, s) in value if m == member} for member in members]
+        seeds = sorted(set.intersection(*seed_sets))
+        if not seeds:
+            raise ValueError(f"grid {group!r}: no seed was run at every point {list(members)}")
+        for seed in seeds:
+            vals = np.array([value[(member, seed)] for member in members])
+            records.append(
+                {
+                    "method": group,
+                    "seed": seed,
+                    f"{metric}_range": float(vals.max() - vals.min()),
+                    f"{metric}_grid_mean": float(vals.mean()),
+                    f"{metric}_grid_min": float(vals.min()),
+                }
+            )
+    return records
+
+
+def _cell(stats: Mapping[str, float] | None, percent: bool) -> str:
+    if stats is None:
+        return "-"
+    if percent:
+        return f"{100 * stats['mean']:.2f} ± {100 * stats['std']:.2f}"
+    return f"{stats['mean']:.4f} ± {stats['std']:.4f}"
+
+
+def markdown_grid(
+    summary: Mapping[str, Any],
+    rows: Mapping[str, Sequence[str]],
+    columns: Sequence[str],
+    *,
+    metric: str = "test_accuracy",
+    corner: str = "method",
+) -> str:
+    """A Markdown table of ``metric`` (mean ± std) with one row per grid.
+
+    ``rows`` maps a row label to the summary's methods in column order (``None`` or a
+    method absent from ``summary`` gives ``-``); ``columns`` are the column headers.
+    """
+    header = f"| {corner} | " + " | ".join(columns) + " |"
+    rule = "|---" * (len(columns) + 1) + "|"
+    lines = [header, rule]
+    for label, methods in rows.items():
+        if len(methods) != len(columns):
+            raise ValueError(f"row {label!r} has {len(methods)} cells for {len(columns)} columns")
+        cells = [
+            _cell(summary.get(m, {}).get(metric) if m else None, "accuracy" in metric)
+            for m in methods
+        ]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def plot_grid(
+    workdir: str | os.PathLike,
+    summary: Mapping[str, Any],
+    series: Mapping[str, Sequence[tuple[float, str]]],
+    *,
+    metric: str = "test_accuracy",
+    xlabel: str = "learning rate",
+    log_x: bool = True,
+    filename: str = "grid.png",
+    title: str = "",
+) -> str:
+    """``metric`` (mean ± std over seeds) against a setting, one line per series.
+
+    ``series`` maps a label to ``(x, method)`` points, e.g. the learning rates a method was
+    trained at and the names of those runs in ``summary``. Returns ``filename``.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scale = 100.0 if "accuracy" in metric else 1.0
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in series.items():
+        points = sorted((x, m) for x, m in points if m in summary)
+        xs = [x for x, _ in points]
+        mean = np.array([summary[m][metric]["mean"] for _, m in points]) * scale
+        std = np.array([summary[m][metric]["std"] for _, m in points]) * scale
+        ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=label)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(metric.replace("_", " ") + (" (%)" if scale == 100.0 else ""))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    if title:
+        ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(Path(workdir) / filename, dpi=110)
     plt.close(fig)
     return filename

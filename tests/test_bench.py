@@ -15,6 +15,7 @@ import numpy as np
 import optax
 import pytest
 
+import optlab
 from experiments.bench import SGD_NAME, BenchEntry, Registry, entries, get_entry, main
 from experiments.bench.bandwidth import add_in_place, measure_bandwidth
 from experiments.bench.cli import QUICK, parse_args
@@ -80,7 +81,11 @@ def test_main_quick_tiny_writes_every_entry(tmp_path, capsys):
     assert sgd_row["state_bytes"] == 0
 
     train = result["train_steps"]
-    assert [(r["model"], r["name"]) for r in train] == [("mlp", n) for n in names]
+    # Entries with their own params tree (optax.lookahead) are measured in updates only.
+    train_names = [e.name for e in entries() if e.make_params is None]
+    assert "optax.lookahead(k=5,a=.5)" in names
+    assert "optax.lookahead(k=5,a=.5)" not in train_names
+    assert [(r["model"], r["name"]) for r in train] == [("mlp", n) for n in train_names]
     for r in train:
         assert _positive_finite(r["step_time_s"])
         assert _positive_finite(r["ratio_to_sgd"])
@@ -250,3 +255,73 @@ def test_bench_updates_passes_grad_fn_and_reports_counterpart_ratio():
     assert _positive_finite(row["ratio_to_counterpart"])
     assert rows[0]["ratio_to_counterpart"] is None
     assert rows[0]["ratio_to_sgd"] == 1.0
+
+
+# --- Lookahead entries --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_lookahead_entries_follow_the_same_trajectory_as_their_optax_counterpart(levels):
+    # A fair ratio: optlab and the nested optax.lookahead take identical steps (same inner
+    # SGD, k, alpha) on a quadratic; optax's fast/slow params are the optlab params / state.
+    from experiments.bench.entries_lookahead import OPTAX_ENTRIES, OPTLAB_ENTRIES
+
+    ours, theirs = OPTLAB_ENTRIES[levels], OPTAX_ENTRIES[levels]
+    assert ours.counterpart == theirs.name
+    params = {"a": jnp.arange(3.0), "b": jnp.ones((2, 2))}
+    target = jax.tree.map(lambda p: p + 3.0, params)
+    grad = lambda p: jax.tree.map(lambda x, t: x - t, p, target)
+    tx_ours, tx_theirs = ours.make(), theirs.make()
+    p_ours, p_theirs = params, theirs.make_params(params)
+    s_ours, s_theirs = tx_ours.init(p_ours), tx_theirs.init(p_theirs)
+
+    @jax.jit
+    def step(p_ours, s_ours, p_theirs, s_theirs):
+        u, s_ours = tx_ours.update(grad(p_ours), s_ours, p_ours)
+        v, s_theirs = tx_theirs.update(grad(_fast(p_theirs, levels)), s_theirs, p_theirs)
+        return optax.apply_updates(p_ours, u), s_ours, optax.apply_updates(p_theirs, v), s_theirs
+
+    for _ in range(5**levels + 3):  # one top-level sync and a few steps past it
+        p_ours, s_ours, p_theirs, s_theirs = step(p_ours, s_ours, p_theirs, s_theirs)
+        _assert_trees_close(p_ours, _fast(p_theirs, levels))
+    slow = p_theirs
+    for _ in range(levels):
+        slow = slow.slow
+    _assert_trees_close(optlab.slow_params(s_ours), slow)
+    assert not np.allclose(slow["a"], params["a"])  # the top level did move
+
+
+def _fast(params, levels):
+    for _ in range(levels):
+        params = params.fast
+    return params
+
+
+def _assert_trees_close(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_optlab_lookahead_byte_model_matches_the_arrays_of_a_cycle(levels):
+    # Over one top-level cycle, count per step the arrays the update must touch: it reads
+    # g, and on a sync also x and every slow level that changes; it writes u and the changed
+    # levels. The mean over the cycle is the entry's byte model.
+    from experiments.bench.entries_lookahead import OPTLAB_ENTRIES, SYNC_PERIOD
+
+    entry = OPTLAB_ENTRIES[levels]
+    tx = entry.make()
+    params = {"w": jnp.zeros(4)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    total = 0
+    cycle = SYNC_PERIOD**levels
+    for _ in range(cycle):
+        updates, new_state = update({"w": jnp.ones(4)}, state, params)
+        pairs = zip(state.slow, new_state.slow, strict=True)
+        changed = sum(not np.array_equal(a["w"], b["w"]) for a, b in pairs)
+        arrays = 2 + (1 + 2 * changed if changed else 0)  # g, u; x, levels read + written
+        total += 4 * arrays
+        params, state = optax.apply_updates(params, updates), new_state
+    assert total / cycle == pytest.approx(entry.bytes_per_param)
+    assert entry.make_params is None

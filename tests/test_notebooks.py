@@ -15,6 +15,8 @@ from nbclient import NotebookClient
 NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 SMOKE_PARAMETERS = {
     "quickstart": "STEPS = 20\nSEEDS = (0,)\nMETHODS = ('sgd', 'adam')",
+    "lookahead": "STEPS = 30\nEVAL_EVERY = 3",
+    "sam": "STEPS = 20\nSEEDS = (0,)\nSHARPNESS_EXAMPLES = 64\nPOWER_ITERS = 3",
 }
 ALL = sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb"))
 

@@ -16,7 +16,7 @@ def _setup_commands() -> list[str]:
 
 def test_setup_is_exactly_two_commands_and_ci_runs_the_test_one():
     install_and_run, install_and_test = _setup_commands()
-    assert install_and_run == "pip install -e . && python -m experiments run baselines"
+    assert install_and_run == "pip install -e . && python -m experiments run lookahead"
     assert install_and_test in (REPO / ".ci" / "run").read_text()
     assert "pytest" in install_and_test
 
@@ -26,8 +26,14 @@ def test_python_example_runs():
                      re.S).group(1)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
-    # Every simulated worker ends with the mean gradient over the 8 shards of the batch.
-    g = namespace["g"]
-    assert g.shape == (8, 3)
-    np.testing.assert_allclose(g, np.broadcast_to(g[0], g.shape))
-    np.testing.assert_allclose(g[0], np.full(3, 6.0), rtol=1e-6)  # d/dw mean((x.w)^2) at w=1, x=1
+    # The same 100 steps as a plain loop from the paper's equations: 5 fast steps of SGD with
+    # weight decay, then slow <- slow + 0.5 (fast - slow) and fast <- slow.
+    fast = slow = np.zeros(3)
+    for t in range(1, 101):
+        fast = fast - 0.1 * (2 * (fast - 3.0) + 1e-4 * fast)
+        if t % 5 == 0:
+            slow = slow + 0.5 * (fast - slow)
+            fast = slow
+    np.testing.assert_allclose(namespace["eval_params"], slow, rtol=1e-5)
+    np.testing.assert_allclose(namespace["params"], fast, rtol=1e-5)  # synced at step 100
+    assert np.all(np.abs(slow - 3.0) < 1e-2)  # and it converged

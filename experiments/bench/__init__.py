@@ -16,13 +16,14 @@ does) and import it below.
 
 from __future__ import annotations
 
-from experiments.bench import baselines  # registers optax.sgd, sgd+momentum, adam: keep first
+# Registration order = import order: the baselines first, then one module per topic (a
+# counterpart must be registered before the entry naming it).
+from experiments.bench import (
+    baselines,  # registers optax.sgd, sgd+momentum, adam: keep first
+    entries_lookahead,  # optlab (multilayer) lookahead vs optax.lookahead, 1-3 levels
+)
 from experiments.bench.cli import BenchConfig, main, run_bench
 from experiments.bench.registry import SGD_NAME, BenchEntry, Registry, entries, get_entry, register
-
-# Later issues register their transforms here, one module per topic, after the baselines (a
-# counterpart must be registered before the entry naming it), e.g.:
-#   from experiments.bench import entries_lookahead  # optlab.lookahead vs optax.lookahead
 
 __all__ = [
     "SGD_NAME",
@@ -31,6 +32,7 @@ __all__ = [
     "Registry",
     "baselines",
     "entries",
+    "entries_lookahead",
     "get_entry",
     "main",
     "register",

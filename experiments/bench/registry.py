@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from typing import Any
 
 import optax
 
@@ -55,6 +56,11 @@ class BenchEntry:
       needs_grad_fn: ``update`` receives ``grad_fn=...``: a cheap quadratic-loss closure over
         a fixed target in the update benchmark, the real loss in the train-step benchmark.
       params_in_update: ``update`` receives ``params`` (otherwise ``None``).
+      make_params: builds the params ``init`` and ``update`` expect from the model's params
+        tree, for transforms whose params are not that tree (e.g.
+        ``optax.LookaheadParams.init_synced`` for ``optax.lookahead``); gradients stay
+        model-shaped. Such entries are measured in the update benchmark only: the train step
+        differentiates the loss with respect to a plain params tree.
     """
 
     name: str
@@ -63,6 +69,7 @@ class BenchEntry:
     counterpart: str | None = None
     needs_grad_fn: bool = False
     params_in_update: bool = True
+    make_params: Callable[[Any], Any] | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -81,6 +88,8 @@ class BenchEntry:
             )
         if self.counterpart == self.name:
             raise ValueError(f"BenchEntry {self.name!r} names itself as its counterpart")
+        if self.make_params is not None and not callable(self.make_params):
+            raise ValueError(f"BenchEntry.make_params must be callable, got {self.make_params!r}")
 
 
 class Registry:

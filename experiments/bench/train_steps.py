@@ -47,8 +47,10 @@ def bench_train_steps(
 
     Returns:
       One row per (model, entry): ``model, name, num_params, batch_size, step_time_s,
-      ratio_to_sgd, counterpart, ratio_to_counterpart, times_s`` (per-step times).
+      ratio_to_sgd, counterpart, ratio_to_counterpart, times_s`` (per-step times). Entries
+      with ``make_params`` (params other than the model's tree) are skipped.
     """
+    entries = [e for e in entries if e.make_params is None]
     data = load_dataset(dataset)
     batch_size = min(batch_size, len(data.x_train))
     host_batch = {"x": data.x_train[:batch_size], "y": data.y_train[:batch_size]}

@@ -128,16 +128,17 @@ def _make_runners(
     state_bytes: dict[str, int] = {}
     for entry in entries:
         tx = entry.make()
+        entry_params = entry.make_params(params) if entry.make_params is not None else params
         # jit: eager init would compile one small program per distinct leaf shape. The copy
         # (may_alias=False) keeps donation from deleting params that init may hand back.
-        state = jax.device_put(jax.jit(tx.init)(params), may_alias=False)
+        state = jax.device_put(jax.jit(tx.init)(entry_params), may_alias=False)
         state_bytes[entry.name] = tree_nbytes(state)
         fn = make_update_fn(entry, tx)
         holder = {"state": jax.block_until_ready(state)}
         extra = (target,) if entry.needs_grad_fn else ()
 
-        def run(fn=fn, holder=holder, extra=extra) -> None:
-            updates, holder["state"] = fn(grads, holder["state"], params, *extra)
+        def run(fn=fn, holder=holder, extra=extra, entry_params=entry_params) -> None:
+            updates, holder["state"] = fn(grads, holder["state"], entry_params, *extra)
             jax.block_until_ready((updates, holder["state"]))
 
         runners[entry.name] = run
