@@ -24,7 +24,12 @@ EXPERIMENTS: dict[str, Experiment] = {
     for e in (
         Experiment("baselines", "experiments.runners.baselines", "experiments.configs.baselines"),
         Experiment("lookahead", "experiments.runners.lookahead", "experiments.configs.lookahead"),
-        # Later issues add: lookahead, sam, extrapolation, ...
+        Experiment("sam", "experiments.runners.sam", "experiments.configs.sam"),
+        Experiment(
+            "extrapolation",
+            "experiments.runners.extrapolation",
+            "experiments.configs.extrapolation",
+        ),
     )
 }
 

@@ -134,7 +134,11 @@ def test_no_traceback_from_the_real_entry_point():
         timeout=120,
     )
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: unknown experiment 'nope'; known: baselines"
+    from experiments.registry import EXPERIMENTS
+
+    known = ", ".join(sorted(EXPERIMENTS))
+    assert "lookahead" in known
+    assert proc.stderr.strip() == f"error: unknown experiment 'nope'; known: {known}"
 
 
 def _final_params(workdir: Path, steps: int) -> list[np.ndarray]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 from experiments.bench import (
     baselines,  # registers optax.sgd, sgd+momentum, adam: keep first
     entries_lookahead,  # optlab (multilayer) lookahead vs optax.lookahead, 1-3 levels
+    entries_sam,  # optlab.sam/ASAM vs optax.contrib.sam, extrap_sgd, past, sa_sam
 )
 from experiments.bench.cli import BenchConfig, main, run_bench
 from experiments.bench.registry import SGD_NAME, BenchEntry, Registry, entries, get_entry, register
@@ -33,6 +34,7 @@ __all__ = [
     "baselines",
     "entries",
     "entries_lookahead",
+    "entries_sam",
     "get_entry",
     "main",
     "register",

@@ -50,7 +50,8 @@ class BenchEntry:
         each array once (e.g. sgd: grads in + updates out = 8). Averaged over steps for
         transforms that do extra work only every k steps. Entries with ``needs_grad_fn``
         include the bench's ``grad_fn`` traffic (see :func:`experiments.bench.updates.
-        quadratic_grad_fn`: reads params and a target, writes grads = 12 B per call).
+        quadratic_grad_fn`: 12 B per stand-alone call, but XLA fuses it into the update, so
+        count only what the fused loop adds, e.g. the target read: see entries_sam.py).
       counterpart: name of another registered entry to report a time ratio against (e.g. the
         optax implementation of the same method); it must be registered first.
       needs_grad_fn: ``update`` receives ``grad_fn=...``: a cheap quadratic-loss closure over
