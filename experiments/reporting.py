@@ -155,14 +155,23 @@ def write_results(
     ]
     for section in sections:
         lines += [section.rstrip("\n"), ""]
+    lines += closing_sections(verdicts, notes, plots)
+    (workdir / "results.md").write_text("\n".join(lines))
+    return results
+
+
+def closing_sections(
+    verdicts: Sequence[Verdict], notes: Sequence[str], plots: Sequence[str]
+) -> list[str]:
+    """The Verdicts / Notes / Plots sections that end every ``results.md`` (empty ones left out)."""
+    lines: list[str] = []
     if verdicts:
         lines += ["## Verdicts", "", *[v.line() for v in verdicts], ""]
     if notes:
         lines += ["## Notes", "", *[f"- {n}" for n in notes], ""]
     if plots:
         lines += ["## Plots", "", *[f"![{p}]({p})" for p in plots], ""]
-    (workdir / "results.md").write_text("\n".join(lines))
-    return results
+    return lines
 
 
 def plot_curves(

@@ -431,18 +431,7 @@ def write_report(
         "examples; lower is flatter.",
         "",
         *sections,
-        "## Verdicts",
-        "",
-        *[v.line() for v in verdicts],
-        "",
-        "## Notes",
-        "",
-        *[f"- {n}" for n in notes],
-        "",
-        "## Plots",
-        "",
-        *[f"![{p}]({p})" for p in plots],
-        "",
+        *reporting.closing_sections(verdicts, notes, plots),
     ]
     (workdir / "results.md").write_text("\n".join(lines))
     return results_json
