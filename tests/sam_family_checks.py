@@ -16,6 +16,7 @@ import numpy as np
 import optax
 from jax.flatten_util import ravel_pytree
 
+import optlab
 from experiments.train.checkpoint import Checkpointer
 
 PyTree = Any
@@ -252,3 +253,19 @@ def check_nnx_optimizer(tx, steps: int = 3, *, with_grad_fn: bool = True) -> PyT
     got = nnx.as_pure(nnx.state(model, nnx.Param))
     assert_trees_close(got, params, rtol=1e-5, atol=1e-7)
     return nnx.as_pure(optimizer.opt_state)
+
+
+def worker_step(tx: optax.GradientTransformation, *, with_grad_fn: bool = True) -> Callable:
+    """One data-parallel step per worker on the MLP loss: the worker's *local* gradient and
+    ``grad_fn`` (axis ``"data"``, not averaged), for use under ``shard_map`` or named ``vmap``."""
+    local = optlab.data_parallel_value_and_grad(mlp_loss, "data", average=False)
+
+    def step(params, state, x, y):
+        def grad_fn(p):
+            return local(p, x, y)[1]
+
+        extra = {"grad_fn": grad_fn} if with_grad_fn else {}
+        updates, state = tx.update(grad_fn(params), state, params, **extra)
+        return optax.apply_updates(params, updates), state
+
+    return step

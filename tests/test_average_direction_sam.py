@@ -23,6 +23,7 @@ from sam_family_checks import (
     reference_heavy_ball,
     run,
     trace_counter,
+    worker_step,
 )
 
 import optlab
@@ -119,22 +120,11 @@ def test_grad_fn_called_num_samples_times_with_fresh_noise_each_step():
     assert not np.array_equal(other.init(params).key, state.key)
 
 
-def _worker_step(tx):
-    local = optlab.data_parallel_value_and_grad(mlp_loss, "data", average=False)
-
-    def step(params, state, x, y):
-        grad_fn = lambda p: local(p, x, y)[1]
-        updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
-        return optax.apply_updates(params, updates), state
-
-    return step
-
-
 def test_shard_map_equals_vmap_simulation_with_per_worker_noise():
     params = mlp_params()
     xs, ys = mlp_data(2)
     tx = optlab.average_direction_sam(optax.sgd(LR, momentum=MOMENTUM), 0.1, 2, axis_name="data")
-    step = _worker_step(tx)
+    step = worker_step(tx)
     mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     sharded = jax.jit(
         jax.shard_map(

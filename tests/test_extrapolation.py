@@ -25,6 +25,7 @@ from sam_family_checks import (
     reference_heavy_ball,
     run,
     trace_counter,
+    worker_step,
 )
 
 import optlab
@@ -156,18 +157,6 @@ def test_no_second_gradient_after_stop_after_or_when_gamma_reaches_zero():
     assert calls == [0, 1, 2, 3]
 
 
-def _worker_step(tx, *, with_grad_fn=True):
-    local = optlab.data_parallel_value_and_grad(mlp_loss, "data", average=False)
-
-    def step(params, state, x, y):
-        grad_fn = lambda p: local(p, x, y)[1]
-        extra = {"grad_fn": grad_fn} if with_grad_fn else {}
-        updates, state = tx.update(grad_fn(params), state, params, **extra)
-        return optax.apply_updates(params, updates), state
-
-    return step
-
-
 @pytest.mark.parametrize("direction", ["gradient", "past"])
 def test_shard_map_equals_vmap_simulation_and_per_worker_reference(direction):
     steps, workers, gamma = 3, 8, 0.3
@@ -176,7 +165,7 @@ def test_shard_map_equals_vmap_simulation_and_per_worker_reference(direction):
     tx = optlab.extrapolation(
         optax.sgd(LR, momentum=MOMENTUM), gamma, direction=direction, axis_name="data"
     )
-    step = _worker_step(tx, with_grad_fn=direction == "gradient")
+    step = worker_step(tx, with_grad_fn=direction == "gradient")
     mesh = jax.make_mesh((workers,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     sharded = jax.jit(
         jax.shard_map(

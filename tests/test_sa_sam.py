@@ -22,6 +22,7 @@ from sam_family_checks import (
     orbax_round_trip,
     run,
     trace_counter,
+    worker_step,
 )
 
 import optlab
@@ -352,24 +353,12 @@ def _mesh():
     )
 
 
-def _worker_step(tx):
-    """One data-parallel step per worker: local gradient and local grad_fn, replicated state."""
-    local = optlab.data_parallel_value_and_grad(mlp_loss, "data", average=False)
-
-    def step(params, state, x, y):
-        grad_fn = lambda p: local(p, x, y)[1]
-        updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
-        return optax.apply_updates(params, updates), state
-
-    return step
-
-
 @pytest.mark.parametrize("rho_scale", [1.0, 0.0])
 def test_shard_map_equals_vmap_simulation(rho_scale):
     params = mlp_params()
     xs, ys = mlp_data(4)  # 16 examples per step: 2 per worker
     tx = optlab.sa_sam(0.2, form="practical", rho_scale=rho_scale, axis_name="data")
-    step = _worker_step(tx)
+    step = worker_step(tx)
     sharded = jax.jit(
         jax.shard_map(
             step, mesh=_mesh(), in_specs=(P(), P(), P("data"), P("data")), out_specs=(P(), P())

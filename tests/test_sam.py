@@ -25,6 +25,7 @@ from sam_family_checks import (
     reference_heavy_ball,
     run,
     trace_counter,
+    worker_step,
 )
 
 import optlab
@@ -207,23 +208,12 @@ def test_one_grad_fn_call_per_update_at_the_perturbed_point():
         params = new_params
 
 
-def _worker_step(tx):
-    local = optlab.data_parallel_value_and_grad(mlp_loss, "data", average=False)
-
-    def step(params, state, x, y):
-        grad_fn = lambda p: local(p, x, y)[1]
-        updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
-        return optax.apply_updates(params, updates), state
-
-    return step
-
-
 def test_shard_map_equals_vmap_simulation_and_per_worker_reference():
     steps, workers = 3, 8
     params = mlp_params()
     xs, ys = mlp_data(steps)
     tx = optlab.sam(optax.sgd(LR, momentum=MOMENTUM), 0.1, axis_name="data")
-    step = _worker_step(tx)
+    step = worker_step(tx)
     mesh = jax.make_mesh((workers,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
     sharded = jax.jit(
         jax.shard_map(
