@@ -15,6 +15,7 @@ from optlab.extrapolation import (
     extrapolation_eval_params,
 )
 from optlab.lookahead import LookaheadState, lookahead, multilayer_lookahead, slow_params
+from optlab.mean_gradients import mean_gradients
 from optlab.parallel import data_parallel_value_and_grad, pvary
 from optlab.perturbation import grad_at_point, safe_global_norm
 from optlab.sa_sam import SASAMState, sa_sam
@@ -40,6 +41,7 @@ __all__ = [
     "hessian_top_eigenvalue",
     "hessian_trace",
     "lookahead",
+    "mean_gradients",
     "multilayer_lookahead",
     "parallel",
     "perturbation",

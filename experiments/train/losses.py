@@ -64,3 +64,39 @@ def make_evaluator(
         return {"loss": loss_sum / n, "accuracy": correct / n}
 
     return evaluate
+
+
+def make_stacked_evaluator(
+    model: Any, x: np.ndarray, y: np.ndarray, *, batch_size: int = 1024
+) -> Callable[[PyTree, PyTree], dict[str, jax.Array]]:
+    """``evaluate(params, model_state) -> {"loss": [R], "accuracy": [R]}`` for stacked runs.
+
+    The jit-compatible twin of :func:`make_evaluator` for a leading run axis: eval mode,
+    the whole of ``(x, y)`` in fixed-size batches (the last padded and masked) under
+    ``lax.map``, every run at once under ``vmap``.
+    """
+    n = len(x)
+    batch_size = min(batch_size, n)
+    num_batches = -(-n // batch_size)
+    pad = num_batches * batch_size - n
+    xs = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]).reshape(
+        num_batches, batch_size, *x.shape[1:]
+    )
+    ys = np.concatenate([y, np.zeros((pad,), y.dtype)]).reshape(num_batches, batch_size)
+    mask = (np.arange(num_batches * batch_size) < n).reshape(num_batches, batch_size)
+
+    def one_run(params, model_state):
+        def totals(batch):
+            xb, yb, mb = batch
+            logits, _ = model.apply(params, model_state, xb, train=False)
+            losses = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+            correct = jnp.argmax(logits, -1) == yb
+            return (
+                jnp.sum(jnp.where(mb, losses, 0.0), dtype=jnp.float32),
+                jnp.sum(jnp.where(mb, correct, 0)),
+            )
+
+        loss, correct = jax.lax.map(totals, (jnp.asarray(xs), jnp.asarray(ys), jnp.asarray(mask)))
+        return {"loss": loss.sum() / n, "accuracy": correct.sum() / n}
+
+    return jax.vmap(one_run)

@@ -1,0 +1,512 @@
+"""Many runs as one jitted program: a leading run axis, and optionally a worker axis.
+
+Runs that share shapes (the seeds of a method, the points of a float hyperparameter grid)
+train together: their states are stacked along a leading *run* axis and one
+``jax.vmap``-ed step advances all of them, ``log_every`` steps per dispatch under
+``lax.scan``. One compile serves every run of the group; evaluation, checkpoints and
+divergence checks are per group, not per run.
+
+Two layouts of a run:
+
+- **replicated** (``plan.workers == 0``): one model per run. With ``devices > 1`` every
+  micro-batch is split over a ``"data"`` mesh axis and the gradient averaged (synchronous
+  data parallelism, equal to the one-device step on the whole batch).
+- **worker-local** (``plan.workers == W``): every run holds W copies of params, model
+  state and optimizer state (a second leading axis), each worker trains on its own
+  batches, and the gradient is **not** averaged: the optimizer is built with
+  ``axis_name=WORKER_AXIS`` and communicates itself (``optlab.mean_gradients`` gives
+  synchronous data parallelism back; Local SGD, DiLoCo, gossip and federated methods
+  average something else, or less often). Workers are simulated with
+  ``jax.vmap(..., axis_name="workers")`` on one device, or sharded over devices with
+  ``jax.shard_map`` (W a multiple of the device count; the transform's ``axis_name`` is
+  then the pair ``("workers", "local")`` when a device holds several workers, so pass it
+  through rather than hard-coding the string).
+
+The step of one run (either layout) accumulates ``n_micro`` micro-batches (see
+:mod:`experiments.train.plans`): the loss, the gradient, ``grad_fn`` and ``value_fn`` are
+means over them, so a SAM-type transform takes its second gradient on the same
+accumulated batch. Extra args handed to the optimizer: ``grad_fn``, ``value_fn``,
+``value``, ``grad`` and, when the plan samples clients, ``active`` (bool ``[W]``).
+
+Divergence is tracked per run (``TrainState.first_nonfinite_step``); a diverged run keeps
+training on NaNs without touching the others, and the caller scores it.
+
+Resuming: checkpoints hold the stacked state at chunk boundaries; a resumed group replays
+the same chunks and ends bitwise equal to an uninterrupted one (tested).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from experiments.train.checkpoint import Checkpointer
+from experiments.train.metrics import MetricsWriter
+from experiments.train.plans import BatchPlan
+from experiments.train.step import DATA_AXIS, LossFn, TrainState, init_train_state
+from optlab.parallel import pmean, pvary
+
+__all__ = [
+    "LOCAL_AXIS",
+    "WORKER_AXIS",
+    "GroupResult",
+    "StackedEvaluator",
+    "TxFactory",
+    "make_run_step",
+    "train_group",
+]
+
+PyTree = Any
+WORKER_AXIS = "workers"
+LOCAL_AXIS = "local"
+AxisName = str | tuple[str, ...]
+
+# make_tx(hparams, axis_name) -> transform. ``hparams`` holds this run's float
+# hyperparameters as traced scalars; ``axis_name`` is the worker axis (None: replicated).
+TxFactory = Callable[[Mapping[str, jax.Array], AxisName | None], optax.GradientTransformation]
+# evaluate(params [R, ...], model_state [R, ...]) -> {metric: [R]} (jit-compatible)
+StackedEvaluator = Callable[[PyTree, PyTree], dict[str, jax.Array]]
+
+
+class GroupResult(NamedTuple):
+    """What :func:`train_group` returns.
+
+    Attributes:
+      state: the final stacked :class:`TrainState` (leading run axis, then workers).
+      final: ``{f"{evaluator}_{metric}": float64[R]}`` on the evaluated weights at the end.
+      diverged_at: int64 ``[R]``, the first step whose loss was non-finite, or -1.
+      train_time_s: seconds spent in the jitted training chunks (dispatch to completion),
+        the group's training compute as the harness sees it.
+      start_step: the step the group resumed from (0 for a fresh start).
+    """
+
+    state: TrainState
+    final: dict[str, np.ndarray]
+    diverged_at: np.ndarray
+    train_time_s: float
+    start_step: int
+
+
+def make_run_step(
+    loss_fn: LossFn,
+    make_tx: TxFactory,
+    *,
+    data_axis: str | None = None,
+    worker_axis: AxisName | None = None,
+    max_micro: int = 1,
+    sampled: bool = False,
+) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
+    """The step of ONE run: ``(state, x, y, idx, n_micro, active, hparams) -> (state, metrics)``.
+
+    ``idx`` is int32 ``[max_micro, micro_batch]`` (this worker's, in worker mode), gathered
+    from the device-resident ``x``/``y``. With ``data_axis`` the gradient (and loss and
+    metrics) are averaged over it (replicated data parallelism); with ``worker_axis`` only
+    the logged loss and metrics are averaged, the optimizer receives this worker's own
+    gradient. ``active`` is forwarded to the optimizer when ``sampled``.
+    """
+
+    def step(state, x, y, idx, n_micro, active, hparams):
+        tx = optax.with_extra_args_support(make_tx(hparams, worker_axis))
+        rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        if worker_axis is not None:
+            rng = jax.random.fold_in(rng, jax.lax.axis_index(worker_axis))
+
+        def micro(j):
+            return {"x": x[idx[j]], "y": y[idx[j]]}
+
+        def one(params, model_state, j):
+            (loss, (model_state, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+                pvary(params, data_axis), model_state, micro(j), jax.random.fold_in(rng, j)
+            )
+            return loss, model_state, metrics, grads
+
+        def accumulated(params):
+            if max_micro == 1:
+                out = one(params, state.model_state, 0)
+            else:
+                # The model state (BatchNorm statistics) threads through the micro-batches.
+                first = one(params, state.model_state, 0)
+
+                def body(j, carry):
+                    loss, model_state, metrics, grads = one(params, carry[1], j)
+                    add = lambda a, b: a + b
+                    return (
+                        carry[0] + loss,
+                        model_state,
+                        jax.tree.map(add, carry[2], metrics),
+                        jax.tree.map(add, carry[3], grads),
+                    )
+
+                loss, model_state, metrics, grads = jax.lax.fori_loop(1, n_micro, body, first)
+                scale = 1.0 / n_micro.astype(jnp.float32)
+                mean = lambda t: jax.tree.map(lambda v: (v * scale).astype(v.dtype), t)
+                out = (mean(loss), model_state, mean(metrics), mean(grads))
+            loss, model_state, metrics, grads = out
+            loss, model_state, metrics, grads = pmean(
+                (loss, model_state, metrics, grads), data_axis
+            )
+            return loss, model_state, metrics, grads
+
+        loss, model_state, metrics, grads = accumulated(state.params)
+        extra = {"active": active} if sampled else {}
+        updates, opt_state = tx.update(
+            grads,
+            state.opt_state,
+            state.params,
+            grad_fn=lambda p: accumulated(p)[3],
+            value_fn=lambda p: accumulated(p)[0],
+            value=loss,
+            grad=grads,
+            **extra,
+        )
+        params = optax.apply_updates(state.params, updates)
+        if worker_axis is not None:  # logged values only: the run's mean over workers
+            loss, metrics = jax.lax.pmean((loss, metrics), worker_axis)
+        bad = (state.first_nonfinite_step < 0) & ~jnp.isfinite(loss)
+        new_state = TrainState(
+            step=state.step + 1,
+            params=params,
+            model_state=model_state,
+            opt_state=opt_state,
+            rng=state.rng,
+            first_nonfinite_step=jnp.where(bad, state.step, state.first_nonfinite_step),
+        )
+        return new_state, {"loss": loss, **metrics}
+
+    return step
+
+
+class _Layout(NamedTuple):
+    """How a group's arrays are placed and which axes its step maps over."""
+
+    chunk: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
+    put_state: Callable[[TrainState], TrainState]
+    put_plan: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]]
+    put_data: Callable[[np.ndarray], jax.Array]
+    worker_axis: AxisName | None
+
+
+def _layout(
+    loss_fn: LossFn,
+    make_tx: TxFactory,
+    plan: BatchPlan,
+    devices: int,
+    sampled: bool,
+) -> _Layout:
+    """Builds the jitted chunk function for one device, data parallel or worker sharded."""
+    workers = plan.workers
+    mesh = None
+    if devices > 1:
+        if workers and workers % devices:
+            raise ValueError(
+                f"workers ({workers}) must be a multiple of devices ({devices}) to shard them."
+            )
+        if not workers and plan.micro_batch % devices:
+            raise ValueError(
+                f"batch_size ({plan.micro_batch}) must be divisible by devices ({devices})."
+            )
+        mesh = _mesh(devices, WORKER_AXIS if workers else DATA_AXIS)
+    local = workers // devices if (workers and devices > 1) else workers
+    if not workers:
+        worker_axis: AxisName | None = None
+    elif devices > 1 and local > 1:
+        worker_axis = (WORKER_AXIS, LOCAL_AXIS)
+    else:
+        worker_axis = WORKER_AXIS
+    data_axis = DATA_AXIS if (devices > 1 and not workers) else None
+    step = make_run_step(
+        loss_fn,
+        make_tx,
+        data_axis=data_axis,
+        worker_axis=worker_axis,
+        max_micro=plan.max_micro,
+        sampled=sampled,
+    )
+
+    def per_run(state, x, y, idx, n_micro, active, hparams):
+        """One run's step; in worker mode, mapped over its (local) workers."""
+        if not workers:
+            return step(state, x, y, idx, n_micro, active, hparams)
+        if devices > 1 and local == 1:  # the mesh axis is the worker axis
+            squeeze = lambda t: jax.tree.map(lambda a: a[0], t)
+            expand = lambda t: jax.tree.map(lambda a: a[None], t)
+            out = step(squeeze(state), x, y, idx[0], n_micro, active, hparams)
+            return expand(out)
+        name = LOCAL_AXIS if devices > 1 else WORKER_AXIS
+        return jax.vmap(
+            step, in_axes=(0, None, None, 0, None, None, None), axis_name=name
+        )(state, x, y, idx, n_micro, active, hparams)
+
+    def chunk_body(state, x, y, idx, n_micro, active, hparams):
+        def scan_step(carry, xs):
+            i, n, a = xs
+            carry, metrics = jax.vmap(per_run, in_axes=(0, None, None, 0, 0, 0, 0))(
+                carry, x, y, i, n, a, hparams
+            )
+            return carry, metrics
+
+        return jax.lax.scan(scan_step, state, (idx, n_micro, active))
+
+    if mesh is None:
+        device = jax.devices()[0]
+        return _Layout(
+            chunk=jax.jit(chunk_body, donate_argnums=0),
+            put_state=lambda s: jax.device_put(s, device, may_alias=False),
+            put_plan=lambda p: jax.device_put(p, device),
+            put_data=lambda a: jax.device_put(a, device),
+            worker_axis=worker_axis,
+        )
+    from experiments.train.step import _put_global
+
+    if workers:
+        state_spec = P(None, WORKER_AXIS)  # [R, W, ...]
+        idx_spec = P(None, None, WORKER_AXIS)  # [S, R, W, M, mb]
+    else:
+        state_spec = P()
+        idx_spec = P(None, None, None, DATA_AXIS)  # [S, R, M, mb]
+    replicated = NamedSharding(mesh, P())
+    specs = (state_spec, P(), P(), idx_spec, P(), P(), P())
+    sharded = jax.shard_map(
+        chunk_body,
+        mesh=mesh,
+        in_specs=specs,
+        out_specs=(state_spec, P()),
+        # Worker mode: every array is per worker, and collectives over the pair
+        # (mesh axis, vmap axis) are not expressible under the varying-axis checker.
+        check_vma=not workers,
+    )
+
+    def put_plan(p):
+        return {
+            k: _put_global(v, NamedSharding(mesh, idx_spec if k == "idx" else P()))
+            for k, v in p.items()
+        }
+
+    state_sharding = NamedSharding(mesh, state_spec)
+    return _Layout(
+        chunk=jax.jit(sharded, donate_argnums=0),
+        put_state=lambda s: _put_global(jax.tree.map(jnp.copy, s), state_sharding),
+        put_plan=put_plan,
+        put_data=lambda a: _put_global(a, replicated),
+        worker_axis=worker_axis,
+    )
+
+
+def _mesh(devices: int, axis: str) -> jax.sharding.Mesh:
+    """A 1-D mesh named ``axis`` over the first ``devices`` devices (Auto axis type)."""
+    available = len(jax.devices())
+    if not 1 <= devices <= available:
+        raise ValueError(
+            f"devices must be in [1, {available}] (the devices JAX sees), got {devices}."
+        )
+    return jax.make_mesh(
+        (devices,), (axis,), axis_types=(jax.sharding.AxisType.Auto,),
+        devices=jax.devices()[:devices],
+    )
+
+
+def init_group_state(
+    init_fn: Callable[[jax.Array], tuple[PyTree, PyTree]],
+    make_tx: TxFactory,
+    seeds: Sequence[int],
+    hparams: Mapping[str, jax.Array],
+    *,
+    workers: int = 0,
+    worker_axis: AxisName | None = None,
+) -> TrainState:
+    """The stacked step-0 state: run ``r`` initialises its model from ``key(seeds[r])``.
+
+    In worker mode every worker of a run starts from the run's one initialisation.
+    """
+
+    def one(seed_key, hp):
+        params, model_state = init_fn(seed_key)
+        tx = make_tx(hp, worker_axis)
+        if not workers:
+            return init_train_state(params, model_state, tx, seed_key)
+        state = init_train_state(params, model_state, tx, seed_key)
+        return jax.tree.map(lambda a: jnp.broadcast_to(a, (workers, *a.shape)), state)
+
+    keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds])
+    fn = jax.jit(jax.vmap(lambda k, hp: one(jax.random.wrap_key_data(k), hp)))
+    return fn(keys, dict(hparams))
+
+
+def train_group(
+    *,
+    loss_fn: LossFn,
+    make_tx: TxFactory,
+    init_fn: Callable[[jax.Array], tuple[PyTree, PyTree]],
+    x: np.ndarray,
+    y: np.ndarray,
+    plan: BatchPlan,
+    seeds: Sequence[int],
+    hparams: Mapping[str, Sequence[float]] | None = None,
+    steps: int,
+    run_dir: str | os.PathLike | None,
+    evaluators: Mapping[str, StackedEvaluator] | None = None,
+    eval_params: Callable[[TrainState], PyTree] | None = None,
+    worker_eval: str = "mean",
+    log_every: int = 25,
+    eval_every: int = 0,
+    checkpoint_every: int = 0,
+    devices: int = 1,
+    metrics: Sequence[MetricsWriter] | None = None,
+    on_progress: Callable[[int], None] | None = None,
+) -> GroupResult:
+    """Trains ``len(seeds)`` runs of one method as one program, resuming from ``run_dir``.
+
+    Args:
+      loss_fn: ``loss_fn(params, model_state, batch, rng) -> (loss, (model_state, metrics))``.
+      make_tx: ``make_tx(hparams, axis_name) -> transform``, called inside the trace with
+        this run's ``hparams`` as traced scalars (so one compile serves every grid point).
+      init_fn: ``init_fn(key) -> (params, model_state)``.
+      x, y: the training arrays, put on the device once; the plan indexes into them.
+      plan: the :class:`~experiments.train.plans.BatchPlan`.
+      seeds: one per run; seeds the model init and the step RNG, and the plan's order.
+      hparams: ``{name: [value per run]}`` float hyperparameters (may be empty).
+      steps: steps per run.
+      run_dir: where checkpoints go (``run_dir/checkpoints``); None: no checkpoints.
+      evaluators: ``{name: evaluate}``, each ``evaluate(params[R], model_state[R]) ->
+        {metric: [R]}``, run every ``eval_every`` steps (0: only at the end) and at the end.
+      eval_params: the weights to evaluate as a function of ONE run's (one worker's)
+        state, e.g. Lookahead's slow weights; default ``state.params``.
+      worker_eval: in worker mode, ``"mean"`` evaluates the workers' mean params (and
+        mean model state); ``"per_worker"`` evaluates every worker and averages the metrics.
+      log_every: steps per jitted chunk and per logged training-metric window.
+      eval_every, checkpoint_every: multiples of ``log_every`` (0: only at the end).
+      devices: 1, or data-parallel / worker-sharded over that many devices.
+      metrics: one :class:`MetricsWriter` per run (tags identify the run), or None.
+      on_progress: called with the number of steps just completed (per chunk).
+
+    Returns:
+      A :class:`GroupResult`.
+    """
+    seeds = list(seeds)
+    num_runs = len(seeds)
+    if num_runs < 1:
+        raise ValueError("seeds must name at least one run, got [].")
+    hparams = {k: list(v) for k, v in (hparams or {}).items()}
+    for name, values in hparams.items():
+        if len(values) != num_runs:
+            raise ValueError(
+                f"hparams[{name!r}] has {len(values)} values for {num_runs} runs (seeds)."
+            )
+    for name, every in (("eval_every", eval_every), ("checkpoint_every", checkpoint_every)):
+        if every % log_every:
+            raise ValueError(f"{name} ({every}) must be a multiple of log_every ({log_every}).")
+    if worker_eval not in ("mean", "per_worker"):
+        raise ValueError(f"worker_eval must be 'mean' or 'per_worker', got {worker_eval!r}.")
+    evaluators = dict(evaluators or {})
+    sampled = hasattr(plan, "active")
+    layout = _layout(loss_fn, make_tx, plan, devices, sampled)
+    hp = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
+    state = layout.put_state(
+        init_group_state(
+            init_fn, make_tx, seeds, hp, workers=plan.workers, worker_axis=layout.worker_axis
+        )
+    )
+    x_dev, y_dev = layout.put_data(np.asarray(x)), layout.put_data(np.asarray(y))
+    hp_dev = layout.put_data(hp) if hp else {}
+    workers = plan.workers
+
+    select = eval_params or (lambda s: s.params)
+    if workers:
+        weights_of = jax.vmap(jax.vmap(lambda s: (select(s), s.model_state)))
+    else:
+        weights_of = jax.vmap(lambda s: (select(s), s.model_state))
+
+    @jax.jit
+    def evaluated(state):
+        params, model_state = weights_of(state)
+        if workers and worker_eval == "mean":
+            mean = lambda t: jax.tree.map(lambda a: jnp.mean(a, axis=1).astype(a.dtype), t)
+            params, model_state = mean(params), mean(model_state)
+        out = {}
+        for name, evaluate in evaluators.items():
+            if workers and worker_eval == "per_worker":
+                flat = lambda t: jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), t)
+                res = evaluate(flat(params), flat(model_state))
+                res = {k: v.reshape(num_runs, workers).mean(1) for k, v in res.items()}
+            else:
+                res = evaluate(params, model_state)
+            out.update({f"{name}_{k}": v for k, v in res.items()})
+        return out
+
+    def evaluate_all(state) -> dict[str, np.ndarray]:
+        host = jax.device_get(evaluated(state)) if evaluators else {}
+        return {k: np.asarray(v, np.float64) for k, v in host.items()}
+
+    checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints")) if run_dir else None
+    try:
+        start = checkpointer.latest_step() if checkpointer else None
+        if start is not None:
+            state = checkpointer.restore(like=state, step=start)  # type: ignore[union-attr]
+        start = start or 0
+        if metrics is not None:
+            for writer in metrics:
+                writer.truncate_after(start)
+        train_time = 0.0
+        t0 = time.perf_counter()
+        step = start
+        while step < steps:
+            length = min(log_every, steps - step)
+            window = range(step, step + length)
+            per_run = [plan.indices(seed, window) for seed in seeds]
+            chunk = {
+                "idx": np.stack([p["idx"] for p in per_run], axis=1),
+                "n_micro": np.stack([p["n_micro"] for p in per_run], axis=1),
+                "active": (
+                    np.stack([p["active"] for p in per_run], axis=1)
+                    if sampled
+                    else np.zeros((length, num_runs, 0), bool)
+                ),
+            }
+            chunk_dev = layout.put_plan(chunk)
+            tick = time.perf_counter()
+            state, chunk_metrics = layout.chunk(
+                state, x_dev, y_dev, chunk_dev["idx"], chunk_dev["n_micro"],
+                chunk_dev["active"], hp_dev,
+            )
+            host_metrics = jax.device_get(chunk_metrics)  # waits for the chunk
+            train_time += time.perf_counter() - tick
+            step += length
+            if on_progress is not None:
+                on_progress(length)
+            is_eval = bool(eval_every) and step % eval_every == 0 and step != steps
+            record_eval = evaluate_all(state) if is_eval else {}
+            if metrics is not None:
+                wall = time.perf_counter() - t0
+                for r, writer in enumerate(metrics):
+                    record: dict[str, Any] = {"step": step}
+                    for key, values in host_metrics.items():
+                        record[f"train_{key}"] = float(np.mean(values[:, r]))
+                    record.update({k: float(v[r]) for k, v in record_eval.items()})
+                    record["wall_time_s"] = wall
+                    writer.write(record)
+            is_ckpt = step == steps or (checkpoint_every and step % checkpoint_every == 0)
+            if checkpointer is not None and is_ckpt:
+                checkpointer.save(step, state)
+        if checkpointer is not None:
+            checkpointer.wait()
+        final = evaluate_all(state)
+        diverged = np.asarray(jax.device_get(state.first_nonfinite_step)).reshape(num_runs, -1)
+        diverged_at = diverged.max(axis=1).astype(np.int64)  # workers agree (mean loss)
+        if metrics is not None:
+            for r, writer in enumerate(metrics):
+                writer.write(
+                    {"step": steps, "final": True, **{k: float(v[r]) for k, v in final.items()}}
+                )
+        return GroupResult(state, final, diverged_at, train_time, start)
+    finally:
+        if checkpointer is not None:
+            checkpointer.close()
