@@ -2,51 +2,39 @@
 
 from __future__ import annotations
 
-import os
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
+import optax
 
-from experiments import reporting
-from experiments.distributed import is_main_process
-from experiments.suite import run_suite, validate_suite
+from experiments import study as st
+from experiments.optimizers import make_optimizer, validate_spec
+from experiments.registry import EXPERIMENTS
 
 NAME = "baselines"
-CLAIM = (
-    "Reference numbers, no paper claim: SGD, momentum SGD and Adam trained on the same data, "
-    "seeds and budget; later methods are compared with these."
-)
+CLAIM = EXPERIMENTS[NAME].claim
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    validate_suite(config)
+def make_tx(spec: Mapping[str, Any], ctx: st.TxContext) -> optax.GradientTransformation:
+    return make_optimizer(spec, steps=ctx.steps)
 
 
-def run(
-    config: ml_collections.ConfigDict,
-    workdir: str | os.PathLike,
-    *,
-    devices: int = 1,
-    progress: bool = True,
-) -> dict[str, Any]:
-    runs = run_suite(config, workdir, devices=devices, progress=progress)
-    if not is_main_process():
-        return {"runs": runs}
-    summary = reporting.summarize(runs)
-    methods = list(config.method_names)
-    verdicts = [
-        reporting.compare(summary, m, methods[0], claim=f"{m} >= {methods[0]} in test accuracy")
-        for m in methods[1:]
-    ]
-    plot = reporting.plot_curves(
-        workdir, methods, title=f"{NAME}: {config.dataset} / {config.model}"
-    )
-    return reporting.write_results(
-        workdir,
-        experiment=NAME,
+def build_study(config: ml_collections.ConfigDict) -> st.Study:
+    methods = st.methods_from_config(config)
+    for m in methods:
+        validate_spec(m.name, m.spec)
+    claims = tuple(st.Claim(m.name, methods[0].name) for m in methods[1:])
+    return st.Study(
+        name=NAME,
         claim=CLAIM,
+        tasks=st.tasks_from_config(config),
+        methods=methods,
+        seeds=tuple(config.seeds),
+        make_tx=make_tx,
+        claims=claims,
         config=config.to_dict(),
-        runs=runs,
-        verdicts=verdicts,
-        plots=[plot],
     )
+
+
+validate, plan, run = st.runner_functions(build_study)

@@ -1,0 +1,1215 @@
+"""One declarative study runner for every experiment.
+
+A **study** declares what to train and what to conclude; :func:`run_study` owns how:
+
+- **tasks** (:class:`Task`): dataset, model, budget (steps or epochs), batch size, the
+  validation split, worker partitions, an L2 term in the loss;
+- **methods** (:class:`Method`): a spec handed to the study's ``make_tx``, with **axes**
+  (grids such as the learning rate, rho or sigma) of which some are **tuned** on the
+  validation split and the others reported across (sensitivity);
+- **seeds**: every (task, method, grid point) runs once per seed;
+- **claims** (:class:`Claim`): method vs baseline on a metric, at the reported points or
+  aggregated over an axis (``spread``, ``drop``, ``worst``, ``mean``, or ``sensitivity``:
+  a smaller spread that only holds if the worst and mean values are not worse);
+- **hooks**: ``make_tx``, ``eval_params`` (e.g. Lookahead's slow weights), ``evaluators``
+  (in-training probes), ``final_metrics`` (e.g. the Hessian's top eigenvalue), ``make_plan``
+  (the trainer hook: worker partitions, task streams, batch-size schedules, client
+  sampling), ``make_loss`` and ``notes``.
+
+:func:`run_study` trains every run, **vectorized**: the seeds and the float grid points of
+one (task, method) train as one jitted program (:func:`experiments.train.vectorized.train_group`).
+It resumes (finished groups are read back, an interrupted one continues from its
+checkpoint), applies one **divergence policy** (a run whose training loss turns
+non-finite is recorded with its step and scored at chance accuracy, NaN loss and NaN
+for every other metric; it never stops the study), **selects** tuned axes by mean
+validation accuracy (the test-set best is disclosed, not used), judges claims with paired
+per-seed t-intervals (:mod:`experiments.stats`), and writes one ``results.json`` schema
+(config, provenance, runs, summaries, selections, verdicts, notes; NaN as null), one
+``results.md`` and the standard plots (curves, and metric vs axis per method).
+
+Data flows one way: config -> study -> runs -> records -> summaries -> verdicts ->
+results.md / results.json.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from experiments import stats
+from experiments.data import DATASET_NAMES, Dataset, load_dataset
+from experiments.data.partition import partition_dirichlet, partition_iid, partition_k_classes
+from experiments.distributed import is_main_process
+from experiments.errors import ConfigError
+from experiments.models import make_model, model_names
+from experiments.train.losses import classification_loss, make_stacked_evaluator
+from experiments.train.metrics import MetricsWriter, read_metrics
+from experiments.train.plans import BatchPlan, EpochPlan, WorkerPlan
+from experiments.train.step import LossFn, TrainState
+from experiments.train.vectorized import StackedEvaluator, train_group
+
+__all__ = [
+    "AGGREGATES",
+    "Claim",
+    "Method",
+    "Study",
+    "Task",
+    "TaskData",
+    "TxContext",
+    "claims_from_config",
+    "describe",
+    "methods_from_config",
+    "run_study",
+    "study_config",
+    "tasks_from_config",
+]
+
+PyTree = Any
+Record = dict[str, Any]
+AGGREGATES = ("spread", "drop", "worst", "mean", "sensitivity")
+PARTITIONS = ("iid", "dirichlet", "k_classes")
+TASK_FIELDS = (
+    "dataset", "model", "steps", "epochs", "batch_size", "validation_fraction", "workers",
+    "partition", "partition_alpha", "partition_classes", "l2", "data_seed", "data_dir",
+    "log_every", "eval_every", "checkpoint_every",
+)  # fmt: skip
+
+
+# --- declarations ---------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Task:
+    """What every method of a study trains on.
+
+    Attributes:
+      name: the task's label (a workdir folder).
+      dataset, model: names from :data:`experiments.data.DATASET_NAMES` and
+        :func:`experiments.models.model_names`.
+      steps / epochs: the budget; ``epochs > 0`` wins and counts full passes over the
+        training split (``epochs * (n_train // (batch_size * max(workers, 1)))`` steps).
+      batch_size: examples per step (per worker in worker mode).
+      validation_fraction: held out of the training set for selection (0: none).
+      workers: 0 (one model per run) or W > 0 worker-local copies with partitions.
+      partition: ``"iid"``, ``"dirichlet"`` (``partition_alpha``) or ``"k_classes"``
+        (``partition_classes`` classes per worker).
+      l2: an L2 term ``l2 / 2 * ||W||^2`` over the kernels (leaves of rank >= 2) added to
+        the training loss, as the official SAM code does, so perturbations see it.
+    """
+
+    name: str
+    dataset: str
+    model: str
+    batch_size: int
+    steps: int = 0
+    epochs: int = 0
+    validation_fraction: float = 0.15
+    workers: int = 0
+    partition: str = "iid"
+    partition_alpha: float = 0.5
+    partition_classes: int = 2
+    l2: float = 0.0
+    data_seed: int = 0
+    data_dir: str = ""
+    log_every: int = 25
+    eval_every: int = 0
+    checkpoint_every: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+    """One method: a spec for ``make_tx`` and its grids.
+
+    Attributes:
+      name: the label in tables and the workdir.
+      spec: ``make_tx``'s description of the method (optimizer, rates, options).
+      axes: ``{field: values}`` grids over spec fields; every combination is run. Float
+        grids train vectorized in one program (their values reach ``make_tx`` traced).
+      tune: the axes chosen on the validation split (by mean validation accuracy); the
+        other axes are reported across, at the spec's own value by default.
+      label: a longer description for ``results.md``.
+    """
+
+    name: str
+    spec: Mapping[str, Any]
+    axes: Mapping[str, tuple[Any, ...]] = dataclasses.field(default_factory=dict)
+    tune: tuple[str, ...] = ()
+    label: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class Claim:
+    """"``method`` beats ``baseline`` on ``metric``", per task or aggregated over an axis.
+
+    Attributes:
+      method, baseline: method names.
+      metric: a record field (``test_accuracy``, ``hessian_top_eigenvalue``, ...).
+      higher_is_better: the metric's direction.
+      over: ``""`` (compare at the reported points, once per task), an axis name of both
+        methods, or ``"task"`` (aggregate over ``tasks``, in that order).
+      aggregate: over the axis, per seed: ``spread`` (max - min, lower is better),
+        ``drop`` (first - last value), ``worst`` (min), ``mean``, or ``sensitivity``
+        (spread lower, guarded by worst and mean not worse).
+      tasks: the tasks it applies to (empty: all).
+      text: the claim in words (default: built from the fields).
+    """
+
+    method: str
+    baseline: str
+    metric: str = "test_accuracy"
+    higher_is_better: bool = True
+    over: str = ""
+    aggregate: str = "mean"
+    tasks: tuple[str, ...] = ()
+    text: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskData:
+    """A task's data as the hooks see it: splits, class count, worker partitions."""
+
+    task: Task
+    dataset: Dataset  # x_train/y_train: the training split (validation held out)
+    x_val: np.ndarray
+    y_val: np.ndarray
+    partitions: tuple[np.ndarray, ...]
+    steps: int
+
+
+@dataclasses.dataclass(frozen=True)
+class TxContext:
+    """What ``make_tx`` may need beyond the spec."""
+
+    task: Task
+    steps: int
+    axis_name: Any  # the worker axis (None: replicated); pass it on, do not hard-code it
+    num_classes: int
+
+
+TxFactory = Callable[[Mapping[str, Any], TxContext], optax.GradientTransformation]
+
+
+@dataclasses.dataclass(frozen=True)
+class Study:
+    """A whole experiment: declarations plus hooks (see the module docstring)."""
+
+    name: str
+    claim: str
+    tasks: tuple[Task, ...]
+    methods: tuple[Method, ...]
+    seeds: tuple[int, ...]
+    make_tx: TxFactory
+    claims: tuple[Claim, ...] = ()
+    eval_params: Callable[[Method], Callable[[TrainState], PyTree] | None] | None = None
+    evaluators: Callable[[TaskData, Any], Mapping[str, StackedEvaluator]] | None = None
+    final_metrics: Callable[[TaskData, Method, Any, PyTree, PyTree], Mapping[str, Any]] | None = (
+        None
+    )
+    make_plan: Callable[[TaskData, Method], BatchPlan] | None = None
+    make_loss: Callable[[Task, Any], LossFn] | None = None
+    notes: Callable[[Sequence[Record]], Sequence[str]] | Sequence[str] = ()
+    table_metrics: tuple[str, ...] = ("test_accuracy", "val_accuracy", "train_loss")
+    config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    worker_eval: str = "mean"
+
+    def method(self, name: str) -> Method:
+        for m in self.methods:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def __post_init__(self) -> None:
+        _validate_study(self)
+
+
+# --- config <-> declarations ---------------------------------------------------------------
+
+
+def study_config(**fields: Any) -> ml_collections.ConfigDict:
+    """The shared fields of every study config, with defaults; experiments override.
+
+    Top-level task fields (``model``, ``batch_size``, ``steps``, ``epochs``, ...) are
+    defaults that each ``tasks.<name>`` entry may set for itself.
+    """
+    config = ml_collections.ConfigDict(
+        {
+            "seeds": (0, 1, 2, 3, 4),
+            "data_dir": "",
+            "data_seed": 0,
+            "model": "mlp",
+            "batch_size": 64,
+            "steps": 0,
+            "epochs": 0,
+            "validation_fraction": 0.15,
+            "l2": 0.0,
+            "log_every": 25,
+            "eval_every": 0,
+            "checkpoint_every": 0,
+            "tasks": {},
+            "method_names": (),
+            "methods": {},
+            "claims": {},
+        }
+    )
+    config.update(fields)
+    return config
+
+
+def tasks_from_config(config: ml_collections.ConfigDict) -> tuple[Task, ...]:
+    """The :class:`Task` of every ``config.tasks`` entry (shared defaults filled in)."""
+    tasks = []
+    for name, entry in config.tasks.items():
+        entry = dict(entry)
+        unknown = sorted(set(entry) - set(TASK_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"tasks.{name}: unknown fields {unknown}; allowed: {list(TASK_FIELDS)}."
+            )
+        fields = {k: config[k] for k in TASK_FIELDS if k in config and k != "dataset"}
+        fields.update(entry)
+        fields.setdefault("dataset", name)
+        tasks.append(Task(name=name, **fields))
+    return tuple(tasks)
+
+
+def methods_from_config(config: ml_collections.ConfigDict) -> tuple[Method, ...]:
+    """The methods named in ``config.method_names`` (``axes``/``tune``/``label`` split off)."""
+    methods = []
+    for name in config.method_names:
+        if name not in config.methods:
+            raise ValueError(
+                f"method_names: {name!r} is not in methods (known: {sorted(config.methods)})."
+            )
+        spec = dict(config.methods[name])
+        axes = {k: tuple(v) for k, v in dict(spec.pop("axes", {}) or {}).items()}
+        tune = tuple(spec.pop("tune", ()) or ())
+        label = spec.pop("label", "")
+        methods.append(Method(name, spec, axes, tune, label))
+    return tuple(methods)
+
+
+def claims_from_config(
+    config: ml_collections.ConfigDict, methods: Sequence[Method]
+) -> tuple[Claim, ...]:
+    """``config.claims`` entries whose two methods both run (others are skipped)."""
+    known = {m.name for m in methods}
+    out = []
+    for key, entry in config.claims.items():
+        entry = dict(entry)
+        for field in ("method", "baseline"):
+            if field not in entry:
+                raise ValueError(f"claims.{key}.{field} is required.")
+            if entry[field] not in config.methods:
+                raise ValueError(
+                    f"claims.{key}.{field}: {entry[field]!r} is not in methods "
+                    f"(known: {sorted(config.methods)})."
+                )
+        if entry["method"] in known and entry["baseline"] in known:
+            entry["tasks"] = tuple(entry.get("tasks", ()))
+            out.append(Claim(**entry))
+    return tuple(out)
+
+
+def _validate_study(study: Study) -> None:
+    """Every check that needs no data; ``ValueError`` names the field."""
+    if not study.tasks:
+        raise ValueError("tasks must hold at least one task, got none.")
+    if not study.methods:
+        raise ValueError("method_names must name at least one method, got ().")
+    if not study.seeds:
+        raise ValueError("seeds must name at least one seed, got ().")
+    if any(not isinstance(s, int) or s < 0 for s in study.seeds):
+        raise ValueError(f"seeds must be non-negative integers, got {study.seeds!r}.")
+    if len(set(study.seeds)) != len(study.seeds):
+        raise ValueError(f"seeds must not repeat, got {study.seeds!r}.")
+    for t in study.tasks:
+        where = f"tasks.{t.name}"
+        if t.dataset not in DATASET_NAMES:
+            raise ValueError(f"{where}.dataset: {t.dataset!r} is not one of {DATASET_NAMES}.")
+        if t.model not in model_names():
+            raise ValueError(f"{where}.model: {t.model!r} is not one of {model_names()}.")
+        if t.steps < 0 or t.epochs < 0 or (t.steps == 0 and t.epochs == 0):
+            raise ValueError(
+                f"{where}: set steps >= 1 or epochs >= 1, got steps={t.steps}, epochs={t.epochs}."
+            )
+        for field in ("batch_size", "log_every"):
+            if getattr(t, field) < 1:
+                raise ValueError(f"{where}.{field} must be >= 1, got {getattr(t, field)}.")
+        for field in ("eval_every", "checkpoint_every"):
+            value = getattr(t, field)
+            if value < 0 or value % t.log_every:
+                raise ValueError(
+                    f"{where}.{field} must be a non-negative multiple of log_every "
+                    f"({t.log_every}), got {value}."
+                )
+        if not 0.0 <= t.validation_fraction < 0.5:
+            raise ValueError(
+                f"{where}.validation_fraction must lie in [0, 0.5), got {t.validation_fraction}."
+            )
+        if t.workers < 0:
+            raise ValueError(f"{where}.workers must be >= 0, got {t.workers}.")
+        if t.partition not in PARTITIONS:
+            raise ValueError(f"{where}.partition must be one of {PARTITIONS}, got {t.partition!r}.")
+        if t.l2 < 0:
+            raise ValueError(f"{where}.l2 must be >= 0, got {t.l2}.")
+    names = [m.name for m in study.methods]
+    if len(set(names)) != len(names):
+        raise ValueError(f"method_names must not repeat, got {names}.")
+    for m in study.methods:
+        for axis, values in m.axes.items():
+            if not values:
+                raise ValueError(f"methods.{m.name}.axes.{axis} must hold at least one value.")
+            if len(set(values)) != len(values):
+                raise ValueError(f"methods.{m.name}.axes.{axis} repeats a value: {values}.")
+            if axis not in m.tune and m.spec.get(axis) not in values:
+                raise ValueError(
+                    f"methods.{m.name}.axes.{axis} must contain the method's own "
+                    f"{axis} ({m.spec.get(axis)!r}), the reported point; got {values}."
+                )
+        for axis in m.tune:
+            if axis not in m.axes:
+                raise ValueError(f"methods.{m.name}.tune: {axis!r} is not one of its axes.")
+        if m.tune and any(t.validation_fraction == 0 for t in study.tasks):
+            raise ValueError(
+                f"methods.{m.name} tunes {list(m.tune)} on a validation split, but a task "
+                "has validation_fraction 0."
+            )
+    for c in study.claims:
+        if c.aggregate not in AGGREGATES:
+            raise ValueError(f"claim {c.method} vs {c.baseline}: aggregate must be one of {AGGREGATES}.")
+        for t in c.tasks:
+            if t not in {task.name for task in study.tasks}:
+                raise ValueError(f"claim {c.method} vs {c.baseline}: unknown task {t!r}.")
+        if c.over and c.over != "task":
+            for name in (c.method, c.baseline):
+                if c.over not in study.method(name).axes:
+                    raise ValueError(
+                        f"claim {c.method} vs {c.baseline}: {name!r} has no axis {c.over!r}."
+                    )
+
+
+# --- runs and groups -------------------------------------------------------------------------
+
+
+def _is_float_axis(values: Sequence[Any]) -> bool:
+    return all(isinstance(v, float) and not isinstance(v, bool) for v in values)
+
+
+def points(method: Method) -> list[dict[str, Any]]:
+    """Every grid point of a method (``[{}]`` when it has no axes)."""
+    names = list(method.axes)
+    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*method.axes.values())]
+
+
+def point_label(point: Mapping[str, Any]) -> str:
+    """E.g. ``"learning_rate=0.1,rho=0.05"``; ``""`` for the default point."""
+    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
+
+
+def _groups(method: Method) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
+    """``[(static point, [traced points])]``: the non-float axes split groups, float ones vectorize."""
+    static = {k: v for k, v in method.axes.items() if not _is_float_axis(v)}
+    traced = {k: v for k, v in method.axes.items() if _is_float_axis(v)}
+    static_points = [dict(zip(static, c, strict=True)) for c in itertools.product(*static.values())]
+    traced_points = [dict(zip(traced, c, strict=True)) for c in itertools.product(*traced.values())]
+    return [(s, traced_points) for s in static_points]
+
+
+def num_runs(study: Study) -> int:
+    return len(study.tasks) * sum(len(points(m)) for m in study.methods) * len(study.seeds)
+
+
+def describe(study: Study) -> str:
+    """The plan: tasks, methods with their grids, claims, and the number of runs."""
+    lines = [f"study {study.name}: {num_runs(study)} runs ({len(study.seeds)} seeds each)"]
+    for t in study.tasks:
+        budget = f"{t.epochs} epochs" if t.epochs else f"{t.steps} steps"
+        workers = f", {t.workers} workers ({t.partition})" if t.workers else ""
+        lines.append(
+            f"  task {t.name}: {t.dataset} / {t.model}, {budget} of batch {t.batch_size}"
+            f"{workers}, validation {t.validation_fraction:g}"
+        )
+    for m in study.methods:
+        grid = "; ".join(
+            f"{k} in {list(v)}" + (" (tuned)" if k in m.tune else "") for k, v in m.axes.items()
+        )
+        lines.append(f"  method {m.name}: {len(points(m))} point(s){': ' + grid if grid else ''}")
+    for c in study.claims:
+        lines.append(f"  claim: {_claim_text(c)}")
+    return "\n".join(lines)
+
+
+# --- data ------------------------------------------------------------------------------------
+
+
+def _load(task: Task, devices: int, cache: dict) -> TaskData:
+    key = (task.dataset, task.data_seed, task.data_dir)
+    if key not in cache:
+        cache[key] = load_dataset(task.dataset, seed=task.data_seed, data_dir=task.data_dir or None)
+    full: Dataset = cache[key]
+    n = len(full.x_train)
+    order = np.random.default_rng([task.data_seed, 0x5A11]).permutation(n)
+    n_val = round(task.validation_fraction * n)
+    val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
+    dataset = full._replace(x_train=full.x_train[train], y_train=full.y_train[train])
+    partitions: tuple[np.ndarray, ...] = ()
+    per_step = task.batch_size
+    if task.workers:
+        rng = np.random.default_rng([task.data_seed, 0xC11E])
+        labels = dataset.y_train
+        if task.partition == "iid":
+            parts = partition_iid(labels, task.workers, rng=rng)
+        elif task.partition == "dirichlet":
+            parts = partition_dirichlet(labels, task.workers, task.partition_alpha, rng=rng)
+        else:
+            parts = partition_k_classes(labels, task.workers, task.partition_classes, rng=rng)
+        partitions = tuple(parts)
+        per_step = task.batch_size * task.workers
+        smallest = min(len(p) for p in parts)
+        if task.batch_size > smallest:
+            raise ConfigError(
+                f"tasks.{task.name}.batch_size ({task.batch_size}) exceeds the smallest worker "
+                f"partition ({smallest} examples)."
+            )
+    elif not 1 <= task.batch_size <= len(train):
+        raise ConfigError(
+            f"tasks.{task.name}.batch_size must be in [1, {len(train)}] (the training split), "
+            f"got {task.batch_size}."
+        )
+    if not task.workers and task.batch_size % devices:
+        raise ConfigError(
+            f"tasks.{task.name}.batch_size ({task.batch_size}) must be divisible by "
+            f"devices ({devices})."
+        )
+    steps = task.steps
+    if task.epochs:
+        steps = task.epochs * max(len(train) // per_step, 1)
+    return TaskData(task, dataset, full.x_train[val], full.y_train[val], partitions, steps)
+
+
+def _l2_loss(loss_fn: LossFn, l2: float) -> LossFn:
+    """``loss + l2 / 2 * sum ||W||^2`` over the kernels (rank >= 2), as the official SAM code."""
+    if not l2:
+        return loss_fn
+
+    def with_l2(params, model_state, batch, rng):
+        loss, aux = loss_fn(params, model_state, batch, rng)
+        penalty = sum(jnp.sum(jnp.square(p)) for p in jax.tree.leaves(params) if p.ndim > 1)
+        return loss + 0.5 * l2 * penalty, aux
+
+    return with_l2
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+def _strict(value: Any) -> Any:
+    """JSON without NaN/inf (as null), numpy scalars as Python numbers."""
+    if isinstance(value, Mapping):
+        return {str(k): _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _write_json(path: Path, content: Any) -> None:
+    """Strict JSON, written atomically (a temporary file, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(_strict(content), indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _load_records(path: Path) -> list[Record]:
+    records = json.loads(path.read_text())
+    return [{k: (math.nan if v is None else v) for k, v in r.items()} for r in records]
+
+
+class _Progress:
+    """One tqdm bar for the whole study on a terminal; one plain line per group otherwise."""
+
+    def __init__(self, total: int, enabled: bool, name: str):
+        self.enabled = enabled
+        self.bar = None
+        if enabled:
+            from tqdm.auto import tqdm
+
+            self.bar = tqdm(total=total, desc=name, unit="step", dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def line(self, text: str) -> None:
+        if self.bar is not None:
+            self.bar.set_postfix_str(text[:60])
+        elif is_main_process():
+            print(text, file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_study(
+    study: Study,
+    workdir: str | os.PathLike,
+    *,
+    devices: int = 1,
+    progress: bool = True,
+    on_ready: Callable[[], None] | None = None,
+) -> dict[str, Any]:
+    """Trains every run of ``study`` (resumably) and writes its results; returns results.json.
+
+    Args:
+      study: the declarations and hooks.
+      workdir: everything goes here (see the module docstring of :mod:`experiments.study`).
+      devices: data-parallel (or worker-sharded) devices.
+      progress: a tqdm bar (else one line per trained group on stderr).
+      on_ready: called once every task's data has loaded, before any training or writing
+        (the CLI writes ``config.json`` there).
+    """
+    from experiments.provenance import collect
+
+    workdir = Path(workdir)
+    started = time.time()
+    provenance = collect(devices)
+    cache: dict = {}
+    data = {t.name: _load(t, devices, cache) for t in study.tasks}
+    if on_ready is not None:
+        on_ready()
+    total_steps = sum(
+        data[t.name].steps * len(points(m)) * len(study.seeds)
+        for t in study.tasks
+        for m in study.methods
+    )
+    bar = _Progress(total_steps, progress and is_main_process(), study.name)
+    records: list[Record] = []
+    timing = {"train_s": 0.0, "groups": 0, "trained_steps": 0}
+    try:
+        for task in study.tasks:
+            records += _run_task(study, data[task.name], workdir, devices, bar, timing)
+    finally:
+        bar.close()
+    wall = time.time() - started
+    if not is_main_process():
+        return {"runs": records}
+    provenance = {**provenance, "wall_time_s": wall, **{f"{k}": v for k, v in timing.items()}}
+    return write_results(study, workdir, records, provenance, data)
+
+
+def _run_task(
+    study: Study, data: TaskData, workdir: Path, devices: int, bar: _Progress, timing: dict
+) -> list[Record]:
+    task = data.task
+    model = make_model(task.model, num_classes=data.dataset.num_classes)
+    loss_fn = (study.make_loss or (lambda t, m: classification_loss(m)))(task, model)
+    loss_fn = _l2_loss(loss_fn, task.l2)
+    x_example = data.dataset.x_train[:1]
+    init_fn = lambda key: model.init(key, x_example)
+    evaluators: dict[str, StackedEvaluator] = {
+        "test": make_stacked_evaluator(model, data.dataset.x_test, data.dataset.y_test)
+    }
+    if len(data.x_val):
+        evaluators["val"] = make_stacked_evaluator(model, data.x_val, data.y_val)
+    if study.evaluators is not None:
+        evaluators.update(study.evaluators(data, model))
+    train_eval = make_stacked_evaluator(model, data.dataset.x_train, data.dataset.y_train)
+    chance = 1.0 / data.dataset.num_classes
+    out: list[Record] = []
+    for method in study.methods:
+        for static, traced in _groups(method):
+            group_dir = workdir / task.name / method.name / (point_label(static) or "default")
+            done = group_dir / "records.json"
+            runs = [(seed, p) for p in traced for seed in study.seeds]
+            if done.exists():
+                out += _load_records(done)
+                bar.update(data.steps * len(runs))
+                continue
+            hparams = {k: [float(p[k]) for _, p in runs] for k in traced[0]}
+            spec = {**method.spec, **static}
+
+            def make_tx(hp, axis_name, spec=spec):
+                ctx = TxContext(task, data.steps, axis_name, data.dataset.num_classes)
+                return study.make_tx({**spec, **hp}, ctx)
+
+            plan = (
+                study.make_plan(data, method)
+                if study.make_plan is not None
+                else (
+                    WorkerPlan(data.partitions, task.batch_size)
+                    if task.workers
+                    else EpochPlan(len(data.dataset.x_train), task.batch_size)
+                )
+            )
+            tags = [
+                {"task": task.name, "method": method.name, "point": point_label({**static, **p}),
+                 "seed": seed}
+                for seed, p in runs
+            ]  # fmt: skip
+            writers = [MetricsWriter(workdir / task.name / "metrics.jsonl", **t) for t in tags]
+            eval_params = study.eval_params(method) if study.eval_params else None
+            bar.line(f"{task.name} / {method.name} {point_label(static)}: {len(runs)} runs")
+            t0 = time.perf_counter()
+            result = train_group(
+                loss_fn=loss_fn,
+                make_tx=make_tx,
+                init_fn=init_fn,
+                x=data.dataset.x_train,
+                y=data.dataset.y_train,
+                plan=plan,
+                seeds=[seed for seed, _ in runs],
+                hparams=hparams,
+                steps=data.steps,
+                run_dir=str(group_dir),
+                evaluators=evaluators,
+                eval_params=eval_params,
+                worker_eval=study.worker_eval,
+                log_every=task.log_every,
+                eval_every=task.eval_every,
+                checkpoint_every=task.checkpoint_every,
+                devices=devices,
+                metrics=writers if is_main_process() else None,
+                on_progress=bar.update,
+            )
+            timing["train_s"] += result.train_time_s
+            timing["groups"] += 1
+            timing["trained_steps"] += (data.steps - result.start_step) * len(runs)
+            finals = dict(result.final)
+            weights, model_state = _eval_weights(result.state, eval_params, task.workers)
+            finals.update(
+                {f"train_{k}": np.asarray(v) for k, v in jax.device_get(
+                    jax.jit(train_eval)(weights, model_state)).items()}
+            )  # fmt: skip
+            if study.final_metrics is not None:
+                extra = study.final_metrics(data, method, spec, weights, model_state)
+                finals.update({k: np.asarray(v, np.float64) for k, v in extra.items()})
+            group_records = []
+            for r, (seed, p) in enumerate(runs):
+                record: Record = {
+                    "task": task.name,
+                    "method": method.name,
+                    "point": {**static, **p},
+                    "seed": seed,
+                    "steps": data.steps,
+                    "diverged_at_step": int(result.diverged_at[r]),
+                    "wall_time_s": (time.perf_counter() - t0) / len(runs),
+                }
+                for key, values in finals.items():
+                    record[key] = float(values[r])
+                if result.diverged_at[r] >= 0:  # the divergence policy (see module docstring)
+                    for key in finals:
+                        record[key] = chance if key.endswith("accuracy") else math.nan
+                else:
+                    record["diverged_at_step"] = None
+                group_records.append(record)
+            if is_main_process():
+                _write_json(done, group_records)
+            out += group_records
+    return out
+
+
+def _eval_weights(state: TrainState, eval_params: Any, workers: int) -> tuple[PyTree, PyTree]:
+    """The evaluated weights of every run (the workers' mean in worker mode), stacked."""
+    select = eval_params or (lambda s: s.params)
+    fn = lambda s: (select(s), s.model_state)
+    fn = jax.vmap(jax.vmap(fn)) if workers else jax.vmap(fn)
+    params, model_state = jax.jit(fn)(state)
+    if workers:
+        mean = lambda t: jax.tree.map(lambda a: jnp.mean(a, axis=1).astype(a.dtype), t)
+        params, model_state = mean(params), mean(model_state)
+    return params, model_state
+
+
+# --- results ---------------------------------------------------------------------------------
+
+
+def _rows(records: Sequence[Record], task: str, method: str, point: Mapping[str, Any]) -> list[Record]:
+    return [
+        r for r in records
+        if r["task"] == task and r["method"] == method and r["point"] == dict(point)
+    ]  # fmt: skip
+
+
+def _by_seed(rows: Sequence[Record], metric: str, seeds: Sequence[int]) -> np.ndarray:
+    values = {r["seed"]: r.get(metric, math.nan) for r in rows}
+    return np.array([values.get(s, math.nan) for s in seeds], np.float64)
+
+
+def _mean_std(values: np.ndarray) -> dict[str, float]:
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return {"mean": math.nan, "std": math.nan, "n": 0}
+    std = float(finite.std(ddof=1)) if finite.size > 1 else 0.0
+    return {"mean": float(finite.mean()), "std": std, "n": int(finite.size)}
+
+
+def select(study: Study, records: Sequence[Record]) -> dict[str, dict[str, Any]]:
+    """The reported point of every (task, method): tuned axes by mean validation accuracy.
+
+    Returns ``{"task/method": {"point", "by", "val", "test", "test_best_point",
+    "test_best"}}``: ``test_best_point`` is the point the test set would have picked,
+    disclosed and not used.
+    """
+    out: dict[str, dict[str, Any]] = {}
+    for task in study.tasks:
+        for method in study.methods:
+            default = {k: method.spec.get(k) for k in method.axes if k not in method.tune}
+            candidates = [p for p in points(method) if all(p[k] == v for k, v in default.items())]
+            if not method.tune:
+                out[f"{task.name}/{method.name}"] = {"point": candidates[0], "by": "spec"}
+                continue
+
+            def score(p, metric):
+                return _mean_std(_by_seed(_rows(records, task.name, method.name, p), metric,
+                                          study.seeds))["mean"]  # fmt: skip
+
+            val = [score(p, "val_accuracy") for p in candidates]
+            test = [score(p, "test_accuracy") for p in candidates]
+            best = int(np.nanargmax(np.nan_to_num(val, nan=-1.0)))
+            best_test = int(np.nanargmax(np.nan_to_num(test, nan=-1.0)))
+            out[f"{task.name}/{method.name}"] = {
+                "point": candidates[best],
+                "by": "val_accuracy",
+                "val": val[best],
+                "test": test[best],
+                "test_best_point": candidates[best_test],
+                "test_best": test[best_test],
+            }
+    return out
+
+
+def _claim_text(c: Claim) -> str:
+    if c.text:
+        return c.text
+    direction = "higher" if c.higher_is_better else "lower"
+    over = f", {c.aggregate} over {c.over}" if c.over else ""
+    return f"{c.method} vs {c.baseline}: {direction} {c.metric}{over}"
+
+
+def _aggregate(values: np.ndarray, how: str) -> np.ndarray:
+    """Per seed (rows) over the axis (columns)."""
+    if how == "spread":
+        return values.max(1) - values.min(1)
+    if how == "drop":
+        return values[:, 0] - values[:, -1]
+    if how == "worst":
+        return values.min(1)
+    return values.mean(1)
+
+
+def _axis_values(
+    study: Study, records: Sequence[Record], selection: Mapping[str, Any], claim: Claim,
+    method: str, task: str | None,
+) -> np.ndarray:
+    """``[seeds, axis points]`` of the claim's metric for one method."""
+    m = study.method(method)
+    if claim.over == "task":
+        tasks = claim.tasks or tuple(t.name for t in study.tasks)
+        cols = [
+            _by_seed(_rows(records, t, method, selection[f"{t}/{method}"]["point"]), claim.metric,
+                     study.seeds)
+            for t in tasks
+        ]  # fmt: skip
+    else:
+        assert task is not None
+        base = selection[f"{task}/{method}"]["point"]
+        cols = [
+            _by_seed(_rows(records, task, method, {**base, claim.over: v}), claim.metric,
+                     study.seeds)
+            for v in m.axes[claim.over]
+        ]  # fmt: skip
+    return np.stack(cols, axis=1)
+
+
+def verdicts(
+    study: Study, records: Sequence[Record], selection: Mapping[str, Any]
+) -> list[dict[str, Any]]:
+    """Every claim's paired verdict (one per task, or one for claims over tasks)."""
+    out = []
+    for c in study.claims:
+        tasks: Sequence[str | None]
+        if c.over == "task":
+            tasks = [None]
+        else:
+            tasks = c.tasks or [t.name for t in study.tasks]
+        for task in tasks:
+            label = f"{task}: " if task else ""
+            entry: dict[str, Any] = {"claim": label + _claim_text(c), "task": task,
+                                     "method": c.method, "baseline": c.baseline,
+                                     "metric": c.metric, "over": c.over,
+                                     "aggregate": c.aggregate if c.over else ""}  # fmt: skip
+            if not c.over:
+                a = _by_seed(_rows(records, task, c.method, selection[f"{task}/{c.method}"]["point"]),
+                             c.metric, study.seeds)  # fmt: skip
+                b = _by_seed(_rows(records, task, c.baseline,
+                                   selection[f"{task}/{c.baseline}"]["point"]),
+                             c.metric, study.seeds)  # fmt: skip
+                result = stats.paired(a, b, higher_is_better=c.higher_is_better)
+                entry.update(outcome=result.outcome, detail=result._asdict(),
+                             method_value=_mean_std(a), baseline_value=_mean_std(b))  # fmt: skip
+            else:
+                a = _axis_values(study, records, selection, c, c.method, task)
+                b = _axis_values(study, records, selection, c, c.baseline, task)
+                if c.aggregate == "sensitivity":
+                    spread = stats.paired(_aggregate(a, "spread"), _aggregate(b, "spread"),
+                                          higher_is_better=not c.higher_is_better)  # fmt: skip
+                    guards = [
+                        stats.paired(_aggregate(a, how), _aggregate(b, how),
+                                     higher_is_better=c.higher_is_better)
+                        for how in ("worst", "mean")
+                    ]  # fmt: skip
+                    entry.update(
+                        outcome=stats.combine(spread, guards),
+                        detail=spread._asdict(),
+                        guards={"worst": guards[0]._asdict(), "mean": guards[1]._asdict()},
+                        method_value=_mean_std(_aggregate(a, "spread")),
+                        baseline_value=_mean_std(_aggregate(b, "spread")),
+                    )
+                else:
+                    # spread and drop: smaller is better for a higher-is-better metric.
+                    smaller = c.aggregate in ("spread", "drop")
+                    hib = (not c.higher_is_better) if smaller else c.higher_is_better
+                    va, vb = _aggregate(a, c.aggregate), _aggregate(b, c.aggregate)
+                    result = stats.paired(va, vb, higher_is_better=hib)
+                    entry.update(outcome=result.outcome, detail=result._asdict(),
+                                 method_value=_mean_std(va), baseline_value=_mean_std(vb))  # fmt: skip
+            out.append(entry)
+    return out
+
+
+def summaries(study: Study, records: Sequence[Record]) -> list[dict[str, Any]]:
+    """Mean ± std over seeds of every metric, per (task, method, point)."""
+    metrics = sorted({k for r in records for k, v in r.items() if isinstance(v, float)} - {"wall_time_s"})
+    out = []
+    for task in study.tasks:
+        for method in study.methods:
+            for p in points(method):
+                rows = _rows(records, task.name, method.name, p)
+                if not rows:
+                    continue
+                out.append({
+                    "task": task.name, "method": method.name, "point": p,
+                    "diverged": sum(r["diverged_at_step"] is not None
+                                    and not (isinstance(r["diverged_at_step"], float)
+                                             and math.isnan(r["diverged_at_step"]))
+                                    for r in rows),
+                    **{m: _mean_std(_by_seed(rows, m, study.seeds)) for m in metrics},
+                })  # fmt: skip
+    return out
+
+
+def _fmt(stat: Mapping[str, Any] | None, metric: str) -> str:
+    if not stat or stat.get("n", 0) == 0:
+        return "-"
+    if "accuracy" in metric:
+        return f"{100 * stat['mean']:.2f} ± {100 * stat['std']:.2f}"
+    return f"{stat['mean']:.4g} ± {stat['std']:.2g}"
+
+
+def write_results(
+    study: Study,
+    workdir: Path,
+    records: Sequence[Record],
+    provenance: Mapping[str, Any],
+    data: Mapping[str, TaskData],
+) -> dict[str, Any]:
+    """``results.json``, ``results.md`` and the plots, from the records."""
+    selection = select(study, records)
+    summary = summaries(study, records)
+    found = verdicts(study, records, selection)
+    notes = list(study.notes(records) if callable(study.notes) else study.notes)
+    diverged = [r for r in records if isinstance(r["diverged_at_step"], int)]
+    plots = []
+    try:
+        plots += plot_curves(study, workdir, selection)
+        plots += plot_axes(study, workdir, summary)
+    except ImportError:  # pragma: no cover - matplotlib is a harness dependency
+        pass
+    results = {
+        "experiment": study.name,
+        "claim": study.claim,
+        "config": dict(study.config),
+        "provenance": dict(provenance),
+        "tasks": {name: {"steps": d.steps, "train": len(d.dataset.x_train), "val": len(d.x_val),
+                         "test": len(d.dataset.x_test), **dataclasses.asdict(d.task)}
+                  for name, d in data.items()},  # fmt: skip
+        "runs": list(records),
+        "summaries": summary,
+        "selections": selection,
+        "verdicts": found,
+        "notes": notes,
+        "plots": plots,
+    }
+    _write_json(workdir / "results.json", results)
+    (workdir / "results.md").write_text(_markdown(study, results, diverged, data))
+    return json.loads(json.dumps(_strict(results)))
+
+
+def _markdown(study: Study, results: Mapping[str, Any], diverged: Sequence[Record],
+              data: Mapping[str, TaskData]) -> str:  # fmt: skip
+    prov = results["provenance"]
+    git, devices = prov.get("git") or {}, prov.get("devices") or {}
+    lines = [
+        f"# {study.name}",
+        "",
+        f"**Claim checked.** {study.claim}",
+        "",
+        f"{len(results['runs'])} runs, seeds {list(study.seeds)}; wall time "
+        f"{prov.get('wall_time_s', math.nan):.0f} s, of which {prov.get('train_s', 0.0):.0f} s "
+        f"in training ({prov.get('groups', 0)} groups trained now); commit "
+        f"`{str(git.get('commit'))[:10]}`{' (dirty)' if git.get('dirty') else ''}, "
+        f"jax {prov.get('versions', {}).get('jax', '?')}, "
+        f"{devices.get('used', '?')} of {devices.get('count', '?')} x {devices.get('kind', '?')}.",
+        "",
+    ]
+    metrics = [m for m in study.table_metrics]
+    for task in study.tasks:
+        d = data[task.name]
+        lines += [
+            f"## Task `{task.name}`",
+            "",
+            f"`{task.dataset}` / `{task.model}`: {d.steps} steps of batch {task.batch_size}"
+            + (f" per worker, {task.workers} workers ({task.partition})" if task.workers else "")
+            + f"; {len(d.dataset.x_train)} training, {len(d.x_val)} validation, "
+            f"{len(d.dataset.x_test)} test examples"
+            + (f"; L2 {task.l2:g} in the loss" if task.l2 else "")
+            + ". Mean ± std over seeds at each method's reported point.",
+            "",
+            "| method | point | " + " | ".join(metrics) + " | diverged |",
+            "|---" * (len(metrics) + 3) + "|",
+        ]
+        for m in study.methods:
+            sel = results["selections"][f"{task.name}/{m.name}"]
+            row = next(
+                (s for s in results["summaries"]
+                 if s["task"] == task.name and s["method"] == m.name and s["point"] == sel["point"]),
+                None,
+            )  # fmt: skip
+            if row is None:
+                continue
+            cells = [_fmt(row.get(k), k) for k in metrics]
+            tuned = " (tuned)" if m.tune else ""
+            lines.append(
+                f"| {m.name} | {point_label(sel['point']) or '-'}{tuned} | "
+                + " | ".join(cells) + f" | {row['diverged']}/{len(study.seeds)} |"
+            )
+        lines.append("")
+        tuned = [m for m in study.methods if m.tune]
+        if tuned:
+            lines += ["Selection on the validation split (the test-set choice is disclosed, not used):", ""]
+            for m in tuned:
+                sel = results["selections"][f"{task.name}/{m.name}"]
+                lines.append(
+                    f"- {m.name}: {point_label(sel['point'])} (val {_pct(sel['val'])}, test "
+                    f"{_pct(sel['test'])}); the test set would have picked "
+                    f"{point_label(sel['test_best_point'])} (test {_pct(sel['test_best'])})."
+                )
+            lines.append("")
+        swept = [m for m in study.methods if any(a not in m.tune for a in m.axes)]
+        for m in swept:
+            for axis in [a for a in m.axes if a not in m.tune]:
+                rows = [s for s in results["summaries"] if s["task"] == task.name
+                        and s["method"] == m.name]  # fmt: skip
+                cells = " | ".join(
+                    f"{_fmt(s.get('test_accuracy'), 'test_accuracy')}" for s in rows
+                )
+                heads = " | ".join(f"{axis}={s['point'][axis]:g}" for s in rows)
+                lines += [f"`{m.name}` test accuracy across `{axis}`:", "", f"| {heads} |",
+                          "|---" * len(rows) + "|", f"| {cells} |", ""]  # fmt: skip
+    n = len(results["verdicts"])
+    counts = {o: sum(v["outcome"] == o for v in results["verdicts"])
+              for o in (stats.HELD, stats.INCONCLUSIVE, stats.NOT_HELD)}  # fmt: skip
+    lines += [
+        "## Verdicts",
+        "",
+        f"{n} comparisons, each a paired t-interval (95 %) of the per-seed difference: "
+        f"**held** {counts[stats.HELD]}, **inconclusive** {counts[stats.INCONCLUSIVE]}, "
+        f"**did not hold** {counts[stats.NOT_HELD]}. With {n} comparisons at 95 %, about "
+        f"{0.05 * n:.1f} could come out decided by chance alone.",
+        "",
+    ]
+    for v in results["verdicts"]:
+        d = v["detail"]
+        scale = 100.0 if "accuracy" in v["metric"] else 1.0
+        unit = " points" if scale == 100.0 else ""
+        extra = ""
+        if v.get("guards"):
+            g = v["guards"]
+            extra = (f"; guards: worst {g['worst']['outcome']} ({scale * g['worst']['mean_diff']:+.2f}), "
+                     f"mean {g['mean']['outcome']} ({scale * g['mean']['mean_diff']:+.2f})")  # fmt: skip
+        what = f"{v['aggregate']} of " if v["aggregate"] else ""
+        lines.append(
+            f"- **{v['outcome'].upper()}**: {v['claim']}. {what}{v['metric']}: "
+            f"{_fmt(v['method_value'], v['metric'])} vs {_fmt(v['baseline_value'], v['metric'])}; "
+            f"paired difference {scale * _nan(d['mean_diff']):+.2f}{unit}, 95 % CI "
+            f"[{scale * _nan(d['low']):+.2f}, {scale * _nan(d['high']):+.2f}] over {d['n']} seeds"
+            + (f" ({d['dropped']} left out: missing values)" if d["dropped"] else "")
+            + extra + "."
+        )
+    lines += ["", "## Notes", ""]
+    lines.append(
+        "- Divergence policy: a run whose training loss turns non-finite is recorded with its "
+        "step and scored at chance accuracy (1 / classes), NaN loss and NaN for every other "
+        "metric (left out of paired comparisons, counted); it never stops the study."
+    )
+    if diverged:
+        lines.append(
+            "- Diverged runs: "
+            + ", ".join(f"{r['task']}/{r['method']} {point_label(r['point'])} seed {r['seed']} "
+                        f"(step {r['diverged_at_step']})" for r in diverged[:20])
+            + ("" if len(diverged) <= 20 else f", and {len(diverged) - 20} more")
+            + "."
+        )  # fmt: skip
+    lines += [f"- {n}" for n in results["notes"]]
+    if results["plots"]:
+        lines += ["", "## Plots", "", *[f"![{p}]({p})" for p in results["plots"]]]
+    return "\n".join(lines) + "\n"
+
+
+def _nan(x: Any) -> float:
+    return math.nan if x is None else float(x)
+
+
+def _pct(x: Any) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f} %"
+
+
+def plot_curves(study: Study, workdir: Path, selection: Mapping[str, Any]) -> list[str]:
+    """Per task: training loss and test accuracy vs step, mean ± std over seeds, per method."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    for task in study.tasks:
+        records = read_metrics(workdir / task.name / "metrics.jsonl")
+        if not records:
+            continue
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+        for ax, key, label, log in zip(
+            axes, ("train_loss", "test_accuracy"), ("training loss", "test accuracy"),
+            (True, False), strict=True,
+        ):
+            for m in study.methods:
+                label_point = point_label(selection[f"{task.name}/{m.name}"]["point"])
+                rows = [r for r in records if r.get("method") == m.name
+                        and r.get("point") == label_point and key in r]  # fmt: skip
+                if not rows:
+                    continue
+                steps = sorted({r["step"] for r in rows})
+                grid = np.full((len(study.seeds), len(steps)), np.nan)
+                for r in rows:
+                    if r["seed"] in study.seeds and r[key] is not None:
+                        grid[study.seeds.index(r["seed"]), steps.index(r["step"])] = r[key]
+                with np.errstate(all="ignore"):
+                    import warnings
+
+                    with warnings.catch_warnings():
+                        warnings.simplefilter("ignore", RuntimeWarning)
+                        mean, std = np.nanmean(grid, 0), np.nanstd(grid, 0)
+                (line,) = ax.plot(steps, mean, label=m.name)
+                ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+            ax.set_xlabel("step")
+            ax.set_ylabel(label)
+            if log:
+                ax.set_yscale("log")
+            ax.grid(alpha=0.3)
+        axes[0].legend(fontsize=7)
+        fig.suptitle(f"{study.name}: {task.name} ({task.dataset} / {task.model})")
+        fig.tight_layout()
+        name = f"curves_{task.name}.png"
+        fig.savefig(workdir / name, dpi=100)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def plot_axes(study: Study, workdir: Path, summary: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Per task and axis: test (and validation) accuracy vs the axis value, mean ± std."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    axes_names = sorted({a for m in study.methods for a in m.axes})
+    for task in study.tasks:
+        for axis in axes_names:
+            fig, ax = plt.subplots(figsize=(6, 4))
+            drawn = False
+            for m in study.methods:
+                if axis not in m.axes or len(m.axes) != 1:
+                    continue
+                rows = sorted(
+                    (s for s in summary if s["task"] == task.name and s["method"] == m.name),
+                    key=lambda s: s["point"][axis],
+                )
+                xs = [s["point"][axis] for s in rows]
+                mean = [100 * _nan(s["test_accuracy"]["mean"]) for s in rows]
+                std = [100 * _nan(s["test_accuracy"]["std"]) for s in rows]
+                ax.errorbar(xs, mean, yerr=std, marker="o", capsize=3, label=m.name)
+                drawn = True
+            if not drawn:
+                plt.close(fig)
+                continue
+            if all(isinstance(v, float) and v > 0 for m in study.methods for v in m.axes.get(axis, ())):
+                ax.set_xscale("log")
+            ax.set_xlabel(axis)
+            ax.set_ylabel("test accuracy (%)")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+            ax.set_title(f"{study.name}: {task.name}, test accuracy vs {axis}")
+            fig.tight_layout()
+            name = f"{axis}_{task.name}.png"
+            fig.savefig(workdir / name, dpi=100)
+            plt.close(fig)
+            files.append(name)
+    return files
+
+
+def runner_functions(
+    build: Callable[[ml_collections.ConfigDict], Study],
+) -> tuple[Callable[..., None], Callable[..., str], Callable[..., dict[str, Any]]]:
+    """A runner's ``validate(config)``, ``plan(config)`` and ``run(config, workdir, ...)``.
+
+    Every runner is ``build_study(config) -> Study`` plus these three (what the CLI calls).
+    """
+
+    def validate(config: ml_collections.ConfigDict) -> None:
+        build(config)
+
+    def plan(config: ml_collections.ConfigDict) -> str:
+        return describe(build(config))
+
+    def run(
+        config: ml_collections.ConfigDict,
+        workdir: str | os.PathLike,
+        *,
+        devices: int = 1,
+        progress: bool = True,
+        on_ready: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:
+        return run_study(build(config), workdir, devices=devices, progress=progress,
+                         on_ready=on_ready)  # fmt: skip
+
+    return validate, plan, run
