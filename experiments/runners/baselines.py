@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import ml_collections
 
 from experiments import reporting
 from experiments.distributed import is_main_process
-from experiments.suite import run_suite, validate_suite
+from experiments.registry import get_experiment
+from experiments.suite import load_suite_data, run_suite, validate_suite
 
 NAME = "baselines"
-CLAIM = (
-    "Reference numbers, no paper claim: SGD, momentum SGD and Adam trained on the same data, "
-    "seeds and budget; later methods are compared with these."
-)
+CLAIM = get_experiment(NAME).claim
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
@@ -28,8 +27,12 @@ def run(
     *,
     devices: int = 1,
     progress: bool = True,
+    on_ready: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
-    runs = run_suite(config, workdir, devices=devices, progress=progress)
+    dataset = load_suite_data(config, devices)
+    if on_ready is not None:  # config and data are good; nothing is written before this
+        on_ready()
+    runs = run_suite(config, workdir, dataset=dataset, devices=devices, progress=progress)
     if not is_main_process():
         return {"runs": runs}
     summary = reporting.summarize(runs)
