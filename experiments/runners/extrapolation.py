@@ -17,7 +17,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -32,16 +32,13 @@ from experiments.distributed import is_main_process
 from experiments.errors import ConfigError
 from experiments.models import model_names
 from experiments.optimizers import validate_spec
+from experiments.registry import get_experiment
 from experiments.suite import run_suite, suite_config
 from experiments.train import NonFiniteLossError
 from experiments.train.step import TrainState
 
 NAME = "extrapolation"
-CLAIM = (
-    "At a fixed number of epochs with linear LR scaling and warm-up, EXTRAP-SGD (and its "
-    "past/noise variants) keeps more test accuracy than mini-batch SGD as the batch grows "
-    "(Lin, Kong, Stich, Jaggi, ICML 2020)."
-)
+CLAIM = get_experiment(NAME).claim
 
 TRANSFORMS = ("none", "extrapolation")
 DIRECTIONS = ("gradient", "past", "noise")
@@ -247,6 +244,7 @@ def run(
     *,
     devices: int = 1,
     progress: bool = True,
+    on_ready: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     validate(config)
@@ -256,6 +254,8 @@ def run(
     for b in sizes:
         if b % devices:
             raise ConfigError(f"batch size {b} must be divisible by devices ({devices}).")
+    if on_ready is not None:  # config and data are good; nothing is written before this
+        on_ready()
     runs: list[dict[str, Any]] = []
     for b in sizes:
         runs += train_batch_size(

@@ -30,7 +30,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,16 +44,13 @@ from experiments import reporting
 from experiments.data import DATASET_NAMES, Dataset
 from experiments.distributed import is_main_process
 from experiments.optimizers import make_optimizer
+from experiments.registry import get_experiment
 from experiments.suite import load_suite_data, run_suite, validate_suite
 from experiments.train import NonFiniteLossError, TrainState
 from optlab import LookaheadState
 
 NAME = "lookahead"
-CLAIM = (
-    "Lookahead (Zhang et al., NeurIPS 2019) reaches at least its inner optimizer's accuracy "
-    "with lower learning-rate sensitivity; Multilayer Lookahead (Pushkin & Barba 2021) "
-    "outperforms Lookahead."
-)
+CLAIM = get_experiment(NAME).claim
 LOOKAHEAD_KEYS = ("levels", "momentum")
 
 Record = dict[str, Any]
@@ -340,6 +337,7 @@ def run(
     *,
     devices: int = 1,
     progress: bool = True,
+    on_ready: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     workdir = Path(workdir)
     use_compilation_cache(workdir / "jax_cache")
@@ -349,9 +347,14 @@ def run(
     sections: list[str] = []
     verdicts: list[reporting.Verdict] = []
     sweep = config.sweep
+    loaded = {
+        name: load_suite_data(dataset_config(config, name), devices) for name in config.datasets
+    }
+    if on_ready is not None:  # config and data are good; nothing is written before this
+        on_ready()
     for name in config.datasets:
         sub = dataset_config(config, name)
-        data = load_suite_data(sub, devices)
+        data = loaded[name]
         ddir = workdir / name
         main = train_methods(
             sub,

@@ -26,7 +26,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,16 +43,12 @@ from experiments.distributed import is_main_process
 from experiments.errors import ConfigError
 from experiments.models import make_model
 from experiments.optimizers import make_optimizer
+from experiments.registry import get_experiment
 from experiments.suite import FinalMetrics, load_suite_data, run_suite, validate_suite
 from experiments.train import make_evaluator
 
 NAME = "sam"
-CLAIM = (
-    "SAM, ASAM, SA-SAM and average-direction SAM find flatter minima (smaller top Hessian "
-    "eigenvalue) than SGD and generalise better; SA-SAM needs no rho tuning to match SAM "
-    "with a tuned rho (Foret et al. ICLR 2021; Kwon et al. ICML 2021; Naganuma et al. "
-    "ICLR 2024 TP; Zhu et al. ICML 2023)."
-)
+CLAIM = get_experiment(NAME).claim
 
 TRANSFORMS = ("none", "sam", "asam", "sa_sam", "average_direction_sam")
 TABLE_METRICS = (
@@ -250,6 +246,7 @@ def run(
     *,
     devices: int = 1,
     progress: bool = True,
+    on_ready: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
     validate(config)  # also when called directly, not through the CLI
@@ -265,6 +262,8 @@ def run(
                 f"{task.dataset} without its validation split), got {task.batch_size}."
             )
         tasks.append((task, dataset, x_val, y_val))
+    if on_ready is not None:  # config and data are good; nothing is written before this
+        on_ready()
     results = []
     for task, dataset, x_val, y_val in tasks:
         model = make_model(task.model, num_classes=dataset.num_classes)
