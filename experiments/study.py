@@ -60,7 +60,7 @@ from experiments.train.losses import classification_loss, make_stacked_evaluator
 from experiments.train.metrics import MetricsWriter, read_metrics
 from experiments.train.plans import BatchPlan, EpochPlan, WorkerPlan
 from experiments.train.step import LossFn, TrainState
-from experiments.train.vectorized import StackedEvaluator, train_group
+from experiments.train.vectorized import StackedEvaluator, group_eval_weights, train_group
 
 __all__ = [
     "AGGREGATES",
@@ -624,7 +624,7 @@ def _run_task(
     loss_fn = (study.make_loss or (lambda t, m: classification_loss(m)))(task, model)
     loss_fn = _l2_loss(loss_fn, task.l2)
     x_example = data.dataset.x_train[:1]
-    init_fn = lambda key: model.init(key, x_example)
+    init_fn = jax.jit(lambda key: model.init(key, x_example))  # one compile per task
     evaluators: dict[str, StackedEvaluator] = {
         "test": make_stacked_evaluator(model, data.dataset.x_test, data.dataset.y_test)
     }
@@ -633,6 +633,18 @@ def _run_task(
     if study.evaluators is not None:
         evaluators.update(study.evaluators(data, model))
     train_eval = make_stacked_evaluator(model, data.dataset.x_train, data.dataset.y_train)
+
+    @jax.jit
+    def evaluate(params, model_state):  # one compile per task (and group size)
+        out = {}
+        for name, fn in evaluators.items():
+            out.update({f"{name}_{k}": v for k, v in fn(params, model_state).items()})
+        return out
+
+    @jax.jit
+    def final_evaluate(params, model_state):
+        return {f"train_{k}": v for k, v in train_eval(params, model_state).items()}
+
     chance = 1.0 / data.dataset.num_classes
     out: list[Record] = []
     for method in study.methods:
@@ -680,7 +692,8 @@ def _run_task(
                 hparams=hparams,
                 steps=data.steps,
                 run_dir=str(group_dir),
-                evaluators=evaluators,
+                evaluate=evaluate,
+                final_evaluate=final_evaluate,
                 eval_params=eval_params,
                 worker_eval=study.worker_eval,
                 log_every=task.log_every,
@@ -694,12 +707,10 @@ def _run_task(
             timing["groups"] += 1
             timing["trained_steps"] += (data.steps - result.start_step) * len(runs)
             finals = dict(result.final)
-            weights, model_state = _eval_weights(result.state, eval_params, task.workers)
-            finals.update(
-                {f"train_{k}": np.asarray(v) for k, v in jax.device_get(
-                    jax.jit(train_eval)(weights, model_state)).items()}
-            )  # fmt: skip
             if study.final_metrics is not None:
+                weights, model_state = group_eval_weights(
+                    result.state, eval_params, task.workers, study.worker_eval
+                )
                 extra = study.final_metrics(data, method, spec, weights, model_state)
                 finals.update({k: np.asarray(v, np.float64) for k, v in extra.items()})
             group_records = []
@@ -725,18 +736,6 @@ def _run_task(
                 _write_json(done, group_records)
             out += group_records
     return out
-
-
-def _eval_weights(state: TrainState, eval_params: Any, workers: int) -> tuple[PyTree, PyTree]:
-    """The evaluated weights of every run (the workers' mean in worker mode), stacked."""
-    select = eval_params or (lambda s: s.params)
-    fn = lambda s: (select(s), s.model_state)
-    fn = jax.vmap(jax.vmap(fn)) if workers else jax.vmap(fn)
-    params, model_state = jax.jit(fn)(state)
-    if workers:
-        mean = lambda t: jax.tree.map(lambda a: jnp.mean(a, axis=1).astype(a.dtype), t)
-        params, model_state = mean(params), mean(model_state)
-    return params, model_state
 
 
 # --- results ---------------------------------------------------------------------------------

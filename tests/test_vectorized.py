@@ -137,8 +137,9 @@ def test_stacked_evaluator_and_final_metrics():
             del model_state, train
             return jnp.tanh(xb @ params["w1"] + params["b1"]) @ params["w2"], {}
 
-    evaluate = make_stacked_evaluator(Model(), x, y, batch_size=40)  # 3 batches, one padded
-    result = _group([0, 1], [0.1, 0.05], evaluators={"train": evaluate})
+    stacked = make_stacked_evaluator(Model(), x, y, batch_size=40)  # 3 batches, one padded
+    evaluate = jax.jit(lambda p, s: {f"train_{k}": v for k, v in stacked(p, s).items()})
+    result = _group([0, 1], [0.1, 0.05], evaluate=evaluate)
     for r in range(2):
         logits = np.tanh(x @ _run(result, r)["w1"] + _run(result, r)["b1"]) @ _run(result, r)["w2"]
         acc = np.mean(logits.argmax(-1) == y)

@@ -61,6 +61,7 @@ __all__ = [
     "GroupResult",
     "StackedEvaluator",
     "TxFactory",
+    "group_eval_weights",
     "make_run_step",
     "train_group",
 ]
@@ -82,7 +83,7 @@ class GroupResult(NamedTuple):
 
     Attributes:
       state: the final stacked :class:`TrainState` (leading run axis, then workers).
-      final: ``{f"{evaluator}_{metric}": float64[R]}`` on the evaluated weights at the end.
+      final: ``{name: float64[R]}`` of ``evaluate`` and ``final_evaluate`` at the end.
       diverged_at: int64 ``[R]``, the first step whose loss was non-finite, or -1.
       train_time_s: seconds spent in the jitted training chunks (dispatch to completion),
         the group's training compute as the harness sees it.
@@ -246,15 +247,28 @@ def _layout(
             step, in_axes=(0, None, None, 0, None, None, None), axis_name=name
         )(state, x, y, idx, n_micro, active, hparams)
 
-    def chunk_body(state, x, y, idx, n_micro, active, hparams):
-        def scan_step(carry, xs):
-            i, n, a = xs
-            carry, metrics = jax.vmap(per_run, in_axes=(0, None, None, 0, 0, 0, 0))(
-                carry, x, y, i, n, a, hparams
-            )
-            return carry, metrics
+    mapped = jax.vmap(per_run, in_axes=(0, None, None, 0, 0, 0, 0))
 
-        return jax.lax.scan(scan_step, state, (idx, n_micro, active))
+    def chunk_body(state, x, y, idx, n_micro, active, live, hparams):
+        """``log_every`` steps under ``lax.scan``; steps with ``live`` false are skipped.
+
+        Every chunk has the same length, so the last, shorter one needs no second compile:
+        its padding steps take the untaken-branch-free ``lax.cond`` and cost nothing.
+        """
+
+        def scan_step(carry, xs):
+            i, n, a, on = xs
+            metrics_shape = jax.eval_shape(mapped, carry, x, y, i, n, a, hparams)[1]
+
+            def skip(carry):
+                zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape)
+                return carry, zeros
+
+            return jax.lax.cond(
+                on, lambda c: mapped(c, x, y, i, n, a, hparams), skip, carry
+            )
+
+        return jax.lax.scan(scan_step, state, (idx, n_micro, active, live))
 
     if mesh is None:
         device = jax.devices()[0]
@@ -274,7 +288,7 @@ def _layout(
         state_spec = P()
         idx_spec = P(None, None, None, DATA_AXIS)  # [S, R, M, mb]
     replicated = NamedSharding(mesh, P())
-    specs = (state_spec, P(), P(), idx_spec, P(), P(), P())
+    specs = (state_spec, P(), P(), idx_spec, P(), P(), P(), P())
     sharded = jax.shard_map(
         chunk_body,
         mesh=mesh,
@@ -301,6 +315,31 @@ def _layout(
     )
 
 
+def group_eval_weights(
+    state: TrainState,
+    eval_params: Callable[[TrainState], PyTree] | None,
+    workers: int,
+    worker_eval: str = "mean",
+) -> tuple[PyTree, PyTree]:
+    """The weights to evaluate of every run, stacked: ``(params [R, ...], model_state)``.
+
+    ``eval_params`` maps ONE run's (one worker's) state to its weights (default
+    ``state.params``). In worker mode ``worker_eval="mean"`` averages the workers'
+    params and model state; ``"per_worker"`` flattens runs x workers into one axis.
+    Runs eagerly: selecting from the state moves no data.
+    """
+    select = eval_params or (lambda s: s.params)
+    fn = lambda s: (select(s), s.model_state)
+    params, model_state = (jax.vmap(jax.vmap(fn)) if workers else jax.vmap(fn))(state)
+    if workers and worker_eval == "mean":
+        mean = lambda t: jax.tree.map(lambda a: jnp.mean(a, axis=1).astype(a.dtype), t)
+        params, model_state = mean(params), mean(model_state)
+    elif workers:
+        flat = lambda t: jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), t)
+        params, model_state = flat(params), flat(model_state)
+    return params, model_state
+
+
 def _mesh(devices: int, axis: str) -> jax.sharding.Mesh:
     """A 1-D mesh named ``axis`` over the first ``devices`` devices (Auto axis type)."""
     available = len(jax.devices())
@@ -325,20 +364,23 @@ def init_group_state(
 ) -> TrainState:
     """The stacked step-0 state: run ``r`` initialises its model from ``key(seeds[r])``.
 
-    In worker mode every worker of a run starts from the run's one initialisation.
+    ``init_fn`` is vmapped over the seeds (pass a jitted function and reuse it: one
+    compile serves every group of a task); the optimizer states are built eagerly under
+    ``vmap`` (cheap, and no compile per method). In worker mode every worker of a run
+    starts from the run's one initialisation.
     """
-
-    def one(seed_key, hp):
-        params, model_state = init_fn(seed_key)
-        tx = make_tx(hp, worker_axis)
-        if not workers:
-            return init_train_state(params, model_state, tx, seed_key)
-        state = init_train_state(params, model_state, tx, seed_key)
-        return jax.tree.map(lambda a: jnp.broadcast_to(a, (workers, *a.shape)), state)
-
     keys = jnp.stack([jax.random.key_data(jax.random.key(s)) for s in seeds])
-    fn = jax.jit(jax.vmap(lambda k, hp: one(jax.random.wrap_key_data(k), hp)))
-    return fn(keys, dict(hparams))
+    params, model_state = jax.vmap(lambda k: init_fn(jax.random.wrap_key_data(k)))(keys)
+
+    def one(p, ms, key, hp):
+        return init_train_state(p, ms, make_tx(hp, worker_axis), key)
+
+    state = jax.vmap(one)(params, model_state, keys, dict(hparams))
+    if workers:
+        state = jax.tree.map(
+            lambda a: jnp.broadcast_to(a[:, None], (a.shape[0], workers, *a.shape[1:])), state
+        )
+    return state
 
 
 def train_group(
@@ -353,7 +395,8 @@ def train_group(
     hparams: Mapping[str, Sequence[float]] | None = None,
     steps: int,
     run_dir: str | os.PathLike | None,
-    evaluators: Mapping[str, StackedEvaluator] | None = None,
+    evaluate: StackedEvaluator | None = None,
+    final_evaluate: StackedEvaluator | None = None,
     eval_params: Callable[[TrainState], PyTree] | None = None,
     worker_eval: str = "mean",
     log_every: int = 25,
@@ -376,8 +419,10 @@ def train_group(
       hparams: ``{name: [value per run]}`` float hyperparameters (may be empty).
       steps: steps per run.
       run_dir: where checkpoints go (``run_dir/checkpoints``); None: no checkpoints.
-      evaluators: ``{name: evaluate}``, each ``evaluate(params[R], model_state[R]) ->
-        {metric: [R]}``, run every ``eval_every`` steps (0: only at the end) and at the end.
+      evaluate: ``evaluate(params[R], model_state[R]) -> {name: [R]}`` (jitted by the
+        caller, so one compile serves every group of a task), run every ``eval_every``
+        steps (0: only at the end) and at the end, on the evaluated weights.
+      final_evaluate: the same, run only at the end (e.g. the whole training set).
       eval_params: the weights to evaluate as a function of ONE run's (one worker's)
         state, e.g. Lookahead's slow weights; default ``state.params``.
       worker_eval: in worker mode, ``"mean"`` evaluates the workers' mean params (and
@@ -406,7 +451,6 @@ def train_group(
             raise ValueError(f"{name} ({every}) must be a multiple of log_every ({log_every}).")
     if worker_eval not in ("mean", "per_worker"):
         raise ValueError(f"worker_eval must be 'mean' or 'per_worker', got {worker_eval!r}.")
-    evaluators = dict(evaluators or {})
     sampled = hasattr(plan, "active")
     layout = _layout(loss_fn, make_tx, plan, devices, sampled)
     hp = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
@@ -419,32 +463,14 @@ def train_group(
     hp_dev = layout.put_data(hp) if hp else {}
     workers = plan.workers
 
-    select = eval_params or (lambda s: s.params)
-    if workers:
-        weights_of = jax.vmap(jax.vmap(lambda s: (select(s), s.model_state)))
-    else:
-        weights_of = jax.vmap(lambda s: (select(s), s.model_state))
-
-    @jax.jit
-    def evaluated(state):
-        params, model_state = weights_of(state)
-        if workers and worker_eval == "mean":
-            mean = lambda t: jax.tree.map(lambda a: jnp.mean(a, axis=1).astype(a.dtype), t)
-            params, model_state = mean(params), mean(model_state)
-        out = {}
-        for name, evaluate in evaluators.items():
-            if workers and worker_eval == "per_worker":
-                flat = lambda t: jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), t)
-                res = evaluate(flat(params), flat(model_state))
-                res = {k: v.reshape(num_runs, workers).mean(1) for k, v in res.items()}
-            else:
-                res = evaluate(params, model_state)
-            out.update({f"{name}_{k}": v for k, v in res.items()})
-        return out
-
-    def evaluate_all(state) -> dict[str, np.ndarray]:
-        host = jax.device_get(evaluated(state)) if evaluators else {}
-        return {k: np.asarray(v, np.float64) for k, v in host.items()}
+    def evaluate_all(state, evaluate) -> dict[str, np.ndarray]:
+        if evaluate is None:
+            return {}
+        params, model_state = group_eval_weights(state, eval_params, workers, worker_eval)
+        out = evaluate(params, model_state)
+        if workers and worker_eval == "per_worker":
+            out = {k: v.reshape(num_runs, workers).mean(1) for k, v in out.items()}
+        return {k: np.asarray(v, np.float64) for k, v in jax.device_get(out).items()}
 
     checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints")) if run_dir else None
     try:
@@ -460,7 +486,8 @@ def train_group(
         step = start
         while step < steps:
             length = min(log_every, steps - step)
-            window = range(step, step + length)
+            # Fixed-length chunks: the padding repeats the last step, marked not live.
+            window = [min(t, steps - 1) for t in range(step, step + log_every)]
             per_run = [plan.indices(seed, window) for seed in seeds]
             chunk = {
                 "idx": np.stack([p["idx"] for p in per_run], axis=1),
@@ -468,14 +495,15 @@ def train_group(
                 "active": (
                     np.stack([p["active"] for p in per_run], axis=1)
                     if sampled
-                    else np.zeros((length, num_runs, 0), bool)
+                    else np.zeros((log_every, num_runs, 0), bool)
                 ),
+                "live": np.arange(log_every) < length,
             }
             chunk_dev = layout.put_plan(chunk)
             tick = time.perf_counter()
             state, chunk_metrics = layout.chunk(
                 state, x_dev, y_dev, chunk_dev["idx"], chunk_dev["n_micro"],
-                chunk_dev["active"], hp_dev,
+                chunk_dev["active"], chunk_dev["live"], hp_dev,
             )
             host_metrics = jax.device_get(chunk_metrics)  # waits for the chunk
             train_time += time.perf_counter() - tick
@@ -483,13 +511,13 @@ def train_group(
             if on_progress is not None:
                 on_progress(length)
             is_eval = bool(eval_every) and step % eval_every == 0 and step != steps
-            record_eval = evaluate_all(state) if is_eval else {}
+            record_eval = evaluate_all(state, evaluate) if is_eval else {}
             if metrics is not None:
                 wall = time.perf_counter() - t0
                 for r, writer in enumerate(metrics):
                     record: dict[str, Any] = {"step": step}
                     for key, values in host_metrics.items():
-                        record[f"train_{key}"] = float(np.mean(values[:, r]))
+                        record[f"train_{key}"] = float(np.mean(values[:length, r]))
                     record.update({k: float(v[r]) for k, v in record_eval.items()})
                     record["wall_time_s"] = wall
                     writer.write(record)
@@ -498,7 +526,8 @@ def train_group(
                 checkpointer.save(step, state)
         if checkpointer is not None:
             checkpointer.wait()
-        final = evaluate_all(state)
+        final = evaluate_all(state, evaluate)
+        final.update(evaluate_all(state, final_evaluate))
         diverged = np.asarray(jax.device_get(state.first_nonfinite_step)).reshape(num_runs, -1)
         diverged_at = diverged.max(axis=1).astype(np.int64)  # workers agree (mean loss)
         if metrics is not None:
