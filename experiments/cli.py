@@ -1,15 +1,39 @@
 """``python -m experiments``: list, run and benchmark.
 
     python -m experiments list
-    python -m experiments run NAME [--variant quick|full] [--config.key=value ...]
-                                   [--workdir DIR] [--devices N] [--no-progress]
+    python -m experiments run NAME [--variant VARIANT] [--config.KEY=VALUE ...]
+                                   [--workdir DIR] [--fresh] [--dry-run]
+                                   [--devices N] [--no-progress]
                                    [--distributed [--coordinator HOST:PORT
                                     --num-processes P --process-id I]]
     python -m experiments bench [--quick] [--out PATH]
 
-Usage errors (unknown experiment, unknown config key, a value of the wrong type or out of
-range, missing data) print one line to stderr and exit with code 2, without a traceback.
-Re-running ``run`` with the same workdir resumes where it stopped.
+``list`` prints each experiment's name, variants, measured runtime and the claim it checks
+(from :mod:`experiments.registry`, without importing JAX). ``run`` builds the config of
+``--variant`` (``smoke``, ``quick`` (default) or ``full``, as far as the experiment has them),
+applies the ``--config.KEY=VALUE`` overrides and validates it; ``--dry-run`` then prints the
+resolved config (JSON) and the runner's plan (its tasks and number of runs) and stops without
+writing anything. A config with ``tasks`` gives each task its own fields; a top-level key of
+the same name is only a default, so overriding it where a task sets its own is refused with
+the key to set instead (``--config.tasks.TASK.KEY``).
+
+The workdir (default ``runs/NAME-VARIANT[-HASH]``) gets ``config.json`` (experiment,
+variant, config and provenance: git commit, library versions, devices, start time; see
+:mod:`experiments.provenance`) only once the config is valid and the data loaded, so a
+mistake leaves nothing behind. Re-running with the same workdir resumes where it stopped;
+when the workdir was written by other code or versions the differences are printed to
+stderr first. A different config in the same workdir is refused; ``--fresh`` deletes the
+workdir (once the data is loaded) and starts over.
+
+Progress: bars when stderr is a terminal, else (and with ``--no-progress``) the runners
+print one line per run. JAX's persistent compilation cache is on, in
+``$OPTLAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/optlab/jax``, else ``~/.cache/optlab/jax``,
+unless JAX already has a cache directory configured (e.g. ``JAX_COMPILATION_CACHE_DIR``);
+``JAX_ENABLE_COMPILATION_CACHE=false`` turns it off.
+
+Usage errors (unknown experiment or variant, unknown config key, a value of the wrong type
+or out of range, an unknown dataset, missing data) print one line to stderr (missing data:
+a few lines on how to get it) and exit with code 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -22,9 +46,11 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
+
+from experiments.registry import DEFAULT_VARIANT, VARIANTS
 
 USAGE_ERROR = 2
 
@@ -113,29 +139,105 @@ def apply_overrides(config: Any, overrides: Sequence[str]) -> list[str]:
     return keys
 
 
+def check_task_overrides(config: Any, changed: Sequence[str]) -> None:
+    """Refuses top-level overrides that a task of ``config.tasks`` shadows with its own value.
+
+    A top-level key is the default of the task field of the same name; a task that sets the
+    field itself would silently ignore ``--config.KEY``, so the user is told which key to set
+    instead (unless they set that one as well).
+    """
+    import ml_collections
+
+    tasks = config.get("tasks") if isinstance(config, ml_collections.ConfigDict) else None
+    if not isinstance(tasks, ml_collections.ConfigDict):
+        return
+    given = set(changed)
+    for key in changed:
+        if key.split(".")[0] == "tasks":
+            continue
+        shadowing = [
+            name
+            for name, task in tasks.items()
+            if _sets(task, key) and f"tasks.{name}.{key}" not in given
+        ]
+        if shadowing:
+            instead = ", ".join(f"--config.tasks.{name}.{key}" for name in shadowing)
+            which = "task" if len(shadowing) == 1 else "tasks"
+            raise UsageError(
+                f"--config.{key} is only a default, and {which} {', '.join(shadowing)} "
+                f"set{'s' if len(shadowing) == 1 else ''} {key} itself; set {instead} instead"
+            )
+
+
+def _sets(task: Any, key: str) -> bool:
+    """Whether ``task`` sets ``key`` (a dotted path) or a prefix of it to a plain value."""
+    node = task
+    for part in key.split("."):
+        if not isinstance(node, Mapping) and not hasattr(node, "keys"):
+            return True  # a plain value where the override goes deeper
+        if part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def _config_hash(config_dict: dict) -> str:
     return hashlib.sha1(json.dumps(config_dict, sort_keys=True).encode()).hexdigest()[:8]
 
 
-def _prepare_workdir(workdir: Path, record: dict) -> bool:
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if not isinstance(tree, dict):
+        return {prefix.rstrip("."): tree}
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        flat.update(_flatten(value, f"{prefix}{key}."))
+    return flat
+
+
+def _changed_keys(old: dict, new: dict) -> list[str]:
+    a, b = _flatten(old), _flatten(new)
+    absent = object()
+    return sorted(k for k in set(a) | set(b) if a.get(k, absent) != b.get(k, absent))
+
+
+def _prepare_workdir(workdir: Path, record: dict, *, report: bool = True) -> bool:
     """Writes config.json, or checks that an existing one describes the same run.
 
-    Returns whether the workdir was created now.
+    On a resume, prints (``report``) how the provenance differs to stderr. Returns whether
+    the workdir was created now.
     """
     record = json.loads(json.dumps(record))  # tuples -> lists, as stored
     path = workdir / "config.json"
+    start_over = "pass --fresh to delete it and start over, or a new --workdir"
     if path.exists():
         previous = json.loads(path.read_text())
-        if previous.get("config") != record["config"]:
-            changed = sorted(
-                k
-                for k in set(previous.get("config", {})) | set(record["config"])
-                if previous.get("config", {}).get(k) != record["config"].get(k)
+        if previous.get("experiment", record["experiment"]) != record["experiment"]:
+            raise UsageError(
+                f"workdir {workdir} holds a run of experiment {previous['experiment']!r}; "
+                f"{start_over}"
             )
+        if previous.get("config") != record["config"]:
+            changed = _changed_keys(previous.get("config", {}), record["config"])
             raise UsageError(
                 f"workdir {workdir} holds a run with a different config (differs in: "
-                f"{', '.join(changed)}); pass a new --workdir or delete that one"
+                f"{', '.join(changed)}); {start_over}"
             )
+        if report:
+            from experiments.provenance import differences
+
+            old = previous.get("provenance")
+            lines = (
+                ["it records no provenance (written by an older harness)"]
+                if old is None
+                else differences(old, record["provenance"])
+            )
+            if lines:
+                print(
+                    f"note: resuming {workdir}, written by other code, versions or devices:",
+                    file=sys.stderr,
+                )
+                for line in lines:
+                    print(f"  {line}", file=sys.stderr)
         return False
     created = not workdir.exists()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -145,13 +247,64 @@ def _prepare_workdir(workdir: Path, record: dict) -> bool:
     return created
 
 
+def _one_line(error: BaseException) -> str:
+    if isinstance(error, KeyError) and len(error.args) == 1 and isinstance(error.args[0], str):
+        text = error.args[0] if " " in error.args[0] else f"unknown key {error.args[0]!r}"
+    else:
+        text = str(error)
+    return " ".join(text.split())
+
+
+def cache_dir(environ: Mapping[str, str] | None = None) -> Path:
+    """Where JAX's persistent compilation cache goes: see the module docstring."""
+    env = os.environ if environ is None else environ
+    if env.get("OPTLAB_CACHE_DIR"):
+        return Path(env["OPTLAB_CACHE_DIR"]).expanduser()
+    base = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else Path.home() / ".cache"
+    return base.expanduser() / "optlab" / "jax"
+
+
+def use_compilation_cache() -> Path | None:
+    """Turns on JAX's persistent compilation cache in :func:`cache_dir`.
+
+    Returns the directory, or None when JAX already had one configured (left as it is).
+    Only takes effect before the process's first compilation.
+    """
+    import jax
+
+    if jax.config.jax_compilation_cache_dir:  # type: ignore[attr-defined]
+        return None
+    path = cache_dir()
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    return path
+
+
 def _cmd_list() -> int:
+    import textwrap
+
     from experiments.registry import EXPERIMENTS
 
     for name, experiment in sorted(EXPERIMENTS.items()):
-        runner = experiment.runner_module()
-        print(f"{name:16s} {runner.CLAIM}")
+        print(f"{name}  (variants: {', '.join(experiment.variants)})")
+        for label, text in (("runtime", experiment.runtime), ("claim", experiment.claim)):
+            print(
+                textwrap.fill(
+                    f"{label}: {text}", width=100, initial_indent="    ", subsequent_indent="      "
+                )
+            )
     return 0
+
+
+def _check_fresh(workdir: Path) -> None:
+    """Refuses to let --fresh delete a directory that is not a workdir."""
+    if workdir.is_dir() and any(workdir.iterdir()) and not (workdir / "config.json").exists():
+        raise UsageError(
+            f"--fresh would delete {workdir}, which holds no config.json (not a workdir); "
+            "delete it yourself or pass another --workdir"
+        )
+    if workdir.exists() and not workdir.is_dir():
+        raise UsageError(f"--workdir {workdir} is a file")
 
 
 def _cmd_run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
@@ -161,48 +314,88 @@ def _cmd_run(args: argparse.Namespace, overrides: Sequence[str]) -> int:
         experiment = get_experiment(args.name)
     except KeyError as error:
         raise UsageError(error.args[0]) from None
+    if args.variant not in experiment.variants:
+        raise UsageError(
+            f"unknown variant {args.variant!r} of {args.name}; known: "
+            f"{', '.join(experiment.variants)}"
+        )
     try:
         config = experiment.config_module().get_config(args.variant)
     except ValueError as error:
-        raise UsageError(str(error)) from None
+        raise UsageError(_one_line(error)) from None
     changed = apply_overrides(config, overrides)
+    check_task_overrides(config, changed)
     runner = experiment.runner_module()
     try:
         runner.validate(config)
-    except ValueError as error:
-        raise UsageError(f"invalid config: {error}") from None
+    except (ValueError, KeyError) as error:
+        raise UsageError(f"invalid config: {_one_line(error)}") from None
     config_dict = config.to_dict()
+    if args.dry_run:
+        print(json.dumps(config_dict, indent=2, default=str))
+        plan: Callable[[Any], str] | None = getattr(runner, "plan", None)
+        if plan is not None:
+            try:
+                text = plan(config)
+            except (ValueError, KeyError) as error:
+                raise UsageError(f"invalid config: {_one_line(error)}") from None
+            print(text)
+        return 0
     if args.workdir:
         workdir = Path(args.workdir)
     else:
         suffix = f"-{_config_hash(config_dict)}" if changed else ""
         workdir = Path("runs") / f"{args.name}-{args.variant}{suffix}"
     workdir = workdir.absolute()
+    if args.fresh:
+        _check_fresh(workdir)
+    from experiments import provenance
     from experiments.distributed import barrier, is_main_process
 
     main_process = is_main_process()
-    record = {"experiment": args.name, "variant": args.variant, "config": config_dict}
-    created = False
-    if main_process:  # one writer; the others check after the barrier
-        created = _prepare_workdir(workdir, record)
-        print(
-            f"[{args.name}] variant={args.variant} devices={args.devices} workdir={workdir}",
-            flush=True,
-        )
-    barrier("workdir")
-    if not main_process:
-        _prepare_workdir(workdir, record)
+    progress = not args.no_progress and sys.stderr.isatty()
+    state = {"ready": False, "created": False}
+
+    def on_ready() -> None:
+        """Config valid, data loaded: set up the workdir (nothing was written before)."""
+        state["ready"] = True
+        record = {
+            "experiment": args.name,
+            "variant": args.variant,
+            "config": config_dict,
+            "provenance": provenance.collect(args.devices),
+        }
+        if main_process:  # one writer; the others check after the barrier
+            if args.fresh and workdir.exists():
+                shutil.rmtree(workdir)
+            state["created"] = _prepare_workdir(workdir, record)
+            print(
+                f"[{args.name}] variant={args.variant} devices={args.devices} workdir={workdir}",
+                flush=True,
+            )
+        barrier("workdir")
+        if not main_process:
+            _prepare_workdir(workdir, record, report=False)
+
     from experiments.data import DatasetNotFoundError
     from experiments.errors import ConfigError
 
     try:
-        runner.run(config, workdir, devices=args.devices, progress=not args.no_progress)
-    except (ConfigError, DatasetNotFoundError) as error:
-        if created:  # nothing was trained: leave no half-made workdir behind
+        runner.run(config, workdir, devices=args.devices, progress=progress, on_ready=on_ready)
+    except (ValueError, KeyError, DatasetNotFoundError) as error:
+        if not state["ready"]:  # validation or data loading: nothing was written
+            if isinstance(error, DatasetNotFoundError):
+                raise  # several lines: how to get the data
+            raise UsageError(f"invalid config: {_one_line(error)}") from None
+        if not isinstance(error, ConfigError | DatasetNotFoundError):
+            raise
+        if state["created"]:  # nothing was trained: leave no half-made workdir behind
             shutil.rmtree(workdir, ignore_errors=True)
         if isinstance(error, ConfigError):
-            raise UsageError(f"invalid config: {error}") from None
+            raise UsageError(f"invalid config: {_one_line(error)}") from None
         raise
+    if not state["ready"]:
+        raise RuntimeError(f"runner {experiment.runner} returned without calling on_ready()")
     if main_process:
         print((workdir / "results.md").read_text())
         print(f"Results, plots and metrics in {workdir}", file=sys.stderr)
@@ -240,11 +433,25 @@ def _init_distributed(args: argparse.Namespace) -> None:
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="python -m experiments", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("list", help="list the experiments and the claim each checks")
+    sub.add_parser("list", help="list the experiments: variants, runtime, claim checked")
     run = sub.add_parser("run", help="run an experiment (extra args: --config.KEY=VALUE)")
     run.add_argument("name")
-    run.add_argument("--variant", default="quick", choices=("quick", "full"))
+    run.add_argument(
+        "--variant",
+        default=DEFAULT_VARIANT,
+        help=f"one of the experiment's variants ({', '.join(VARIANTS)}); default {DEFAULT_VARIANT}",
+    )
     run.add_argument("--workdir", default=None, help="default: runs/NAME-VARIANT[-HASH]")
+    run.add_argument(
+        "--fresh",
+        action="store_true",
+        help="delete the workdir (once config and data are checked) and start over",
+    )
+    run.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the resolved config and the runner's plan, write nothing, run nothing",
+    )
     run.add_argument(
         "--devices",
         type=int,
@@ -252,7 +459,11 @@ def _build_parser() -> argparse.ArgumentParser:
         help="data-parallel devices (on CPU, that many virtual devices); default 1, "
         "or every device of every process with --distributed",
     )
-    run.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run.add_argument(
+        "--no-progress",
+        action="store_true",
+        help="no progress bars, one line per run (the default when stderr is not a terminal)",
+    )
     multi = run.add_argument_group(
         "several hosts",
         "jax.distributed.initialize(); without the three options JAX detects "
@@ -283,6 +494,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--devices must be >= 1, got {args.devices}")
         import jax
 
+        use_compilation_cache()  # before anything compiles
         if args.distributed:
             _init_distributed(args)
         elif args.devices is None:
