@@ -2,7 +2,9 @@
 
 A spec is ``{"optimizer": "sgd" | "momentum" | "nesterov" | "adam" | "adamw",
 "learning_rate": float, "momentum": float, "weight_decay": float, "b1": ..., "b2": ...}``
-with a learning-rate ``schedule`` of ``"constant"``, ``"cosine"`` or ``"warmup_cosine"``.
+with a learning-rate ``schedule`` of ``"constant"``, ``"cosine"``, ``"warmup_cosine"`` or
+``"step"`` (x0.2 at 30, 60 and 80 % of the steps). Rates may be traced values (a grid
+trained vectorized); ``weight_decay`` and the structural fields must be Python values.
 Later experiments wrap these base optimizers (e.g. ``optlab.lookahead(base, ...)``).
 """
 
@@ -14,7 +16,10 @@ from typing import Any
 import optax
 
 OPTIMIZERS = ("sgd", "momentum", "nesterov", "adam", "adamw")
-SCHEDULES = ("constant", "cosine", "warmup_cosine")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "step")
+# The CIFAR step schedule of the Lookahead / WRN recipes [recall]: x0.2 at 30, 60, 80 %.
+STEP_FRACTIONS = (0.3, 0.6, 0.8)
+STEP_FACTOR = 0.2
 
 
 def make_schedule(
@@ -27,6 +32,9 @@ def make_schedule(
         return learning_rate
     if schedule == "cosine":
         return optax.cosine_decay_schedule(learning_rate, steps)
+    if schedule == "step":
+        boundaries = {max(int(f * steps), 1): STEP_FACTOR for f in STEP_FRACTIONS}
+        return optax.piecewise_constant_schedule(learning_rate, boundaries)
     if schedule == "warmup_cosine":
         return optax.warmup_cosine_decay_schedule(
             0.0, learning_rate, max(warmup_steps, 1), max(steps, warmup_steps + 1)

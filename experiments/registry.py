@@ -53,7 +53,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                 "Reference numbers, no paper claim: SGD, momentum SGD and Adam trained on the "
                 "same data, seeds and budget; later methods are compared with these."
             ),
-            variants=("quick", "full"),
+            variants=("smoke", "quick", "full"),
             runtime="quick: about 30 s on a 2-core CPU; full: hours on one GPU",
         ),
         Experiment(
@@ -65,7 +65,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                 "accuracy with lower learning-rate sensitivity; Multilayer Lookahead (Pushkin "
                 "& Barba 2021) outperforms Lookahead."
             ),
-            variants=("quick", "full"),
+            variants=("smoke", "quick", "full"),
             runtime=(
                 "quick: 129 s on a 2-core CPU (shared, load average 9-10); full: days on one GPU"
             ),
@@ -80,7 +80,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                 "tuning to match SAM with a tuned rho (Foret et al. ICLR 2021; Kwon et al. "
                 "ICML 2021; Naganuma et al. ICLR 2024 TP; Zhu et al. ICML 2023)."
             ),
-            variants=("quick", "full"),
+            variants=("smoke", "quick", "full"),
             runtime=(
                 "quick: 118 s on a 2-core CPU (shared, load average 1.2-1.7); "
                 "full: about a day on one GPU"
@@ -95,7 +95,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                 "(and its past/noise variants) keeps more test accuracy than mini-batch SGD as "
                 "the batch grows (Lin, Kong, Stich, Jaggi, ICML 2020)."
             ),
-            variants=("quick", "full"),
+            variants=("smoke", "quick", "full"),
             runtime=(
                 "quick: 46 s on a 2-core CPU (shared, load average about 2); "
                 "full: about a day on one GPU"
