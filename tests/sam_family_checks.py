@@ -260,16 +260,19 @@ def check_nnx_optimizer(tx, steps: int = 3, *, with_grad_fn: bool = True) -> PyT
 
 def check_donating_step(tx, steps: int = 3, *, with_grad_fn: bool = True) -> PyTree:
     """A jitted step donating both params and state, from ``tx.init(params)`` on the very
-    params it donates, runs (no state leaf is a params buffer: XLA refuses to donate one
-    buffer twice) and follows the non-donating run. Returns the final state."""
+    params it donates, runs (no state leaf is a params buffer or another state leaf's
+    buffer: XLA refuses to donate one buffer twice) and follows the non-donating run.
+    Returns the final state."""
     xs, ys = mlp_data(steps)
     expected, _, _ = run(tx, mlp_params(), xs, ys, with_grad_fn=with_grad_fn)
     params = mlp_params()
     state = tx.init(params)
-    param_buffers = {p.unsafe_buffer_pointer() for p in jax.tree.leaves(params)}
-    for leaf in jax.tree.leaves(state):
-        if isinstance(leaf, jax.Array) and not jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
-            assert leaf.unsafe_buffer_pointer() not in param_buffers, "state aliases params"
+    buffers = [
+        leaf.unsafe_buffer_pointer()
+        for leaf in jax.tree.leaves((params, state))
+        if isinstance(leaf, jax.Array) and not jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+    ]
+    assert len(set(buffers)) == len(buffers), "a state leaf aliases params or another leaf"
     step = make_step(tx, with_grad_fn=with_grad_fn, donate=True)
     for t in range(steps):
         params, state = step(params, state, xs[t], ys[t])
