@@ -154,8 +154,8 @@ def sam(
     leaf without any name is a weight iff ``ndim >= 2``). ``adaptive_mask`` overrides the
     rule. The popular third-party implementation (davda54/sam, ``adaptive=True``) uses
     ``T = |x|`` on every tensor, biases included: ``adaptive_mask=True, adaptive_eps=0.0``.
-    (Normalising zero-initialised biases with ``|x| + η`` barely perturbs them, which is
-    neither variant.)
+    (Until this default, ``|x| + η`` applied to every leaf, which matches neither code base
+    and barely perturbs zero-initialised biases; ``adaptive_mask=True`` gives it back.)
 
     The norm is global over the whole tree and floored at ``norm_eps``
     (:func:`optlab.safe_global_norm`), so a zero gradient gives ``eps = 0`` and finite
