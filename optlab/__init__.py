@@ -19,7 +19,7 @@ from optlab.mean_gradients import mean_gradients
 from optlab.parallel import data_parallel_value_and_grad, pvary
 from optlab.perturbation import grad_at_point, safe_global_norm
 from optlab.sa_sam import SASAMState, sa_sam
-from optlab.sam import SAMState, asam_scale, sam
+from optlab.sam import SAMState, asam_scale, asam_weight_mask, sam
 from optlab.sharpness import hessian_top_eigenvalue, hessian_trace
 
 __version__ = "0.1.0"
@@ -32,6 +32,7 @@ __all__ = [
     "SASAMState",
     "__version__",
     "asam_scale",
+    "asam_weight_mask",
     "average_direction_sam",
     "data_parallel_value_and_grad",
     "extrap_sgd",

@@ -21,7 +21,14 @@ import jax.numpy as jnp
 import optax
 
 from optlab.parallel import pmean
-from optlab.perturbation import gaussian_like, grad_at_point, mean_over, translate
+from optlab.perturbation import (
+    gaussian_like,
+    grad_at_point,
+    mean_over,
+    raw_key,
+    refuse_inside_multi_steps,
+    translate,
+)
 from optlab.validation import check_float_in_range, check_int_in_range
 
 __all__ = ["AverageDirectionSAMState", "average_direction_sam"]
@@ -35,7 +42,8 @@ class AverageDirectionSAMState(NamedTuple):
     Attributes:
       count: number of ``update`` calls so far (int32); step ``t`` draws its perturbations
         from ``fold_in(key, t)``, so a restored state continues the same noise stream.
-      key: the base PRNG key as raw key data (uint32[2]; checkpoints as a plain array).
+      key: the base PRNG key as raw key data (uint32[2]; checkpoints as a plain array), a
+        fresh array (never the caller's key buffer).
       base_state: the base optimizer's state.
     """
 
@@ -80,12 +88,24 @@ def average_direction_sam(
     them on its local batch with its local ``grad_fn`` and only the final mean gradient is
     ``pmean``-ed (``num_samples`` x workers perturbations in all).
 
+    **Gradient accumulation.** ``optax.MultiSteps(average_direction_sam(...), k)`` is refused
+    with a ``ValueError`` when traced: MultiSteps forwards the ``grad_fn`` of the last
+    micro-batch only, and this transform does not use the accumulated gradient at all, so
+    k - 1 micro-batches would be dropped. Either call ``update`` once per accumulated batch
+    with a whole-batch ``grad_fn`` (:func:`optlab.perturbation.microbatched_grad_fn`), or put
+    MultiSteps inside, ``average_direction_sam(optax.MultiSteps(base, k), sigma, n)``: each
+    micro-batch then gets its own ``n`` perturbations (drawn from its micro-step count) and
+    MultiSteps averages the k estimates, ``n·k`` perturbations per optimizer step. In that
+    form a ``sigma`` schedule counts micro-steps.
+
     Args:
       base: the optimizer fed the averaged gradient (plain or extra-args).
       sigma: perturbation standard deviation >= 0; float, traced scalar or schedule.
       num_samples: perturbations per step, an int >= 1 (with ``optax.inject_hyperparams``
         list it in ``static_args``).
-      seed: an int seed (or a PRNG key) for the perturbations.
+      seed: an int seed or a PRNG key, typed (``jax.random.key``) or raw
+        (``jax.random.PRNGKey``, ``uint32[2]``); the same key in either form gives the same
+        perturbations.
       axis_name: worker axis for per-worker perturbations and the final ``pmean``.
       vectorize: ``vmap`` over the samples instead of a sequential loop.
 
@@ -108,15 +128,13 @@ def average_direction_sam(
     """
     check_float_in_range("sigma", sigma, low=0.0)
     num_samples = check_int_in_range("num_samples", num_samples, min_value=1)
+    raw_key(seed)  # validated at construction; a traced seed (inject_hyperparams) passes
     base = optax.with_extra_args_support(base)
 
     def init_fn(params: PyTree) -> AverageDirectionSAMState:
-        key = seed
-        if not (isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key)):
-            key = jax.random.key(key)
         return AverageDirectionSAMState(
             count=jnp.zeros((), jnp.int32),
-            key=jax.random.key_data(key),
+            key=jnp.array(raw_key(seed), copy=True),
             base_state=base.init(params),
         )
 
@@ -132,6 +150,11 @@ def average_direction_sam(
             raise ValueError("average_direction_sam needs params: call update(g, state, params).")
         if grad_fn is None:
             raise ValueError("average_direction_sam needs the extra argument grad_fn.")
+        refuse_inside_multi_steps(
+            "optlab.average_direction_sam",
+            "; or put MultiSteps inside, average_direction_sam(optax.MultiSteps(base, k), "
+            "sigma), to perturb every micro-batch and average the estimates",
+        )
         sigma_t = sigma(state.count) if callable(sigma) else sigma
         step_key = jax.random.fold_in(jax.random.wrap_key_data(state.key), state.count)
         if axis_name is not None:

@@ -27,6 +27,9 @@ Reference:
 
 from __future__ import annotations
 
+import functools
+import sys
+import types
 from collections.abc import Callable
 from typing import Any, Literal, NamedTuple
 
@@ -35,7 +38,13 @@ import jax.numpy as jnp
 import optax
 
 from optlab.parallel import pmean, pvary
-from optlab.perturbation import extrapolation_point, gaussian_like, grad_at_point
+from optlab.perturbation import (
+    extrapolation_point,
+    gaussian_like,
+    grad_at_point,
+    raw_key,
+    refuse_inside_multi_steps,
+)
 from optlab.validation import check_float_in_range, check_injectable_int
 
 __all__ = [
@@ -107,6 +116,29 @@ def extrapolation(
     early phase; ``gamma`` is usually tied to the learning rate (``gamma_t = c * eta_t``,
     ``c`` in {0.5, 1}: pass ``lambda t: c * lr_schedule(t)``).
 
+    **Schedules and** ``optax.inject_hyperparams``. Step t extrapolates with ``gamma_t``. The
+    single-call directions build step t+1's offset during update t, so they evaluate a
+    ``gamma`` schedule one step ahead. Under ``optax.inject_hyperparams(optlab.extrapolation)``
+    (or of a ``functools.partial`` of it) with ``gamma`` scheduled, the wrapper hands update t
+    only ``gamma_t``; the transform then reads ``gamma_{t+1}`` from the wrapper's schedule
+    (while tracing), so plain and injected schedules give the same steps. A hand-written
+    factory (``lambda g: extrapolation(..., g)``) is not recognised: its injected ``gamma``
+    is used for the next offset as it comes, one step late; pass the schedule through
+    ``static_args=("gamma",)`` there.
+
+    **Gradient accumulation.** ``"past"``/``"noise"`` compose with ``optax.MultiSteps``
+    as usual (``MultiSteps(extrapolation(...), k)``): all k micro-batches are differentiated
+    at the same point ``y_t`` and the offset moves once per k micro-steps, with ``u`` the
+    accumulated gradient for ``"past"``. ``"gradient"`` inside ``optax.MultiSteps`` is
+    refused with a ``ValueError`` when traced: MultiSteps forwards the ``grad_fn`` of the
+    last micro-batch only. Either call ``update`` once per accumulated batch with a
+    whole-batch ``grad_fn`` (:func:`optlab.perturbation.microbatched_grad_fn`, passed as the
+    gradient and as ``grad_fn``: global extragradient over the whole batch), or put
+    MultiSteps inside, ``extrap_sgd(optax.MultiSteps(base, k), gamma)``: each micro-batch
+    extrapolates with its own gradient, as a worker does, and MultiSteps averages the
+    extrapolated gradients. In that form ``gamma`` schedules and ``stop_after`` count
+    micro-steps.
+
     Args:
       base: the optimizer fed the extrapolated gradient (plain or extra-args).
       gamma: extrapolation step >= 0; float, traced scalar or schedule ``count -> gamma``.
@@ -114,7 +146,9 @@ def extrapolation(
       stop_after: ``None`` (never stop) or the number of updates after which extrapolation
         is switched off, an int >= 0 (also accepted traced, for ``inject_hyperparams``).
       axis_name: worker axis to ``pmean`` the extrapolated gradient over, or ``None``.
-      seed: int seed (or PRNG key) for ``"noise"``.
+      seed: for ``"noise"``, an int seed or a PRNG key, typed (``jax.random.key``) or raw
+        (``jax.random.PRNGKey``, ``uint32[2]``); the same key in either form gives the same
+        noise.
 
     Returns:
       An ``optax.GradientTransformationExtraArgs`` with state :class:`ExtrapolationState`.
@@ -139,6 +173,8 @@ def extrapolation(
         raise ValueError(f"direction must be one of {EXTRAPOLATION_DIRECTIONS}, got {direction!r}.")
     if stop_after is not None:
         stop_after = check_injectable_int("stop_after", stop_after, min_value=0)
+    if direction == "noise":
+        raw_key(seed)  # validated at construction; a traced seed (inject_hyperparams) passes
     base = optax.with_extra_args_support(base)
 
     def gamma_at(count: jax.Array) -> Any:
@@ -157,10 +193,7 @@ def extrapolation(
             offset = jax.tree.map(jnp.zeros_like, params)
         key: jax.Array | tuple[()] = ()
         if direction == "noise":
-            k = seed
-            if not (isinstance(k, jax.Array) and jnp.issubdtype(k.dtype, jax.dtypes.prng_key)):
-                k = jax.random.key(k)
-            key = jax.random.key_data(k)
+            key = jnp.array(raw_key(seed), copy=True)
         return ExtrapolationState(
             count=jnp.zeros((), jnp.int32), offset=offset, key=key, base_state=base.init(params)
         )
@@ -171,6 +204,12 @@ def extrapolation(
                 "extrapolation(direction='gradient') needs the extra argument grad_fn "
                 "(params -> local grads on the same batch)."
             )
+        refuse_inside_multi_steps(
+            "optlab.extrapolation(direction='gradient')",
+            "; or put MultiSteps inside, extrap_sgd(optax.MultiSteps(base, k), gamma), so that "
+            "every micro-batch extrapolates with its own gradient (like a worker) and "
+            "MultiSteps averages the extrapolated gradients",
+        )
         gamma_t = gamma_at(state.count)
         local = pvary(updates, axis_name)
 
@@ -187,7 +226,7 @@ def extrapolation(
             count=optax.safe_increment(state.count), base_state=base_state
         )
 
-    def single_call_update(updates, state, params, grad_fn, extra_args):
+    def single_call_update(updates, state, params, grad_fn, extra_args, caller):
         # The loop's params are y_t = x_t + offset_t and `updates` is the gradient at y_t.
         h = pmean(updates, axis_name)
         x = jax.tree.map(lambda y, o: y - o, params, state.offset)
@@ -195,7 +234,10 @@ def extrapolation(
             extra_args = {"grad_fn": grad_fn, **extra_args}
         step, base_state = base.update(h, state.base_state, x, **extra_args)
         next_count = optax.safe_increment(state.count)
-        gamma_next = gamma_at(next_count)
+        # The offset built now is where step t+1 differentiates, so it needs gamma_{t+1}.
+        gamma_next = _injected_next_gamma(caller, gamma) if not callable(gamma) else None
+        if gamma_next is None:
+            gamma_next = gamma_at(next_count)
         gamma_next = jnp.where(active_at(next_count, gamma_next), gamma_next, 0)
         if direction == "past":
             u = h
@@ -226,7 +268,7 @@ def extrapolation(
             raise ValueError("extrapolation needs params: call update(grads, state, params).")
         if direction == "gradient":
             return gradient_update(updates, state, params, grad_fn, extra_args)
-        return single_call_update(updates, state, params, grad_fn, extra_args)
+        return single_call_update(updates, state, params, grad_fn, extra_args, sys._getframe(1))
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -283,3 +325,44 @@ def extrapolation_eval_params(params: PyTree, opt_state: Any) -> PyTree:
     if isinstance(offset, tuple) and offset == ():
         return params
     return jax.tree.map(lambda p, o: (p - o).astype(p.dtype), params, offset)
+
+
+@functools.cache
+def _inject_update_code() -> types.CodeType:
+    """The code object of the ``update`` that ``optax.inject_hyperparams`` builds."""
+    return optax.inject_hyperparams(optax.scale)(1.0).update.__code__
+
+
+def _injected_next_gamma(caller: types.FrameType | None, gamma_t: Any) -> Any:
+    """gamma_{t+1} when ``caller`` is ``optax.inject_hyperparams(extrapolation)``'s update
+    with ``gamma`` scheduled there; ``None`` otherwise.
+
+    ``inject_hyperparams`` evaluates a schedule at its own count and hands the inner
+    transform ``gamma_t`` only, but the single-call directions build the offset of step t+1
+    in update t, which needs ``gamma_{t+1}``: with ``gamma_t`` the extrapolation would lag
+    one step (one extra extrapolated step after the schedule reaches 0). The next value is
+    the injected schedule advanced by one step, read from the wrapper's own schedule state
+    while tracing.
+    """
+    if caller is None or caller.f_code is not _inject_update_code():
+        return None
+    scope = caller.f_locals
+    factory = scope.get("inner_factory")
+    while isinstance(factory, functools.partial):
+        factory = factory.func
+    if factory is not extrapolation:
+        return None
+    schedules, state, extra_args = (
+        scope.get(name) for name in ("sched_hps", "state", "extra_args")
+    )
+    if schedules is None or state is None or extra_args is None:
+        raise NotImplementedError(
+            "optlab.extrapolation cannot read the gamma schedule of this optax version's "
+            "inject_hyperparams; list gamma in static_args instead "
+            "(optax.inject_hyperparams(optlab.extrapolation, static_args=('gamma',)))."
+        )
+    schedule = schedules.get("gamma")
+    if schedule is None:
+        return None
+    next_state = schedule.update(state.hyperparams_states["gamma"], **extra_args)
+    return jnp.asarray(schedule(next_state, **extra_args), jnp.result_type(gamma_t))

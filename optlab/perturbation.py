@@ -39,6 +39,16 @@ API (everything a method needs, nothing more)::
 
     group_grad_fn(grad_fn, batch, groups) -> (params, k) -> grad_fn(params, k-th group of batch)
 
+    microbatched_grad_fn(grad_fn, batch, num_micro_batches, *, vectorize=False)
+        -> params -> mean_k grad_fn(params, k-th micro-batch of batch)
+        (the gradient on the whole batch, computed one micro-batch at a time).
+
+    raw_key(seed, name="seed") -> uint32[2] key data from an int seed, a typed key
+        (``jax.random.key``) or a raw key (``jax.random.PRNGKey``).
+
+    refuse_inside_multi_steps(transform) -> raises ValueError when ``update`` is running
+        inside ``optax.MultiSteps`` (see "Gradient accumulation" below).
+
 Contract for ``grad_fn``: a pure function of the params (closed over the batch, the
 model state in training mode, a fixed dropout key) returning a params-shaped gradient.
 It must not update model state: both official SAM code bases take BatchNorm statistics from
@@ -46,6 +56,22 @@ the first forward pass only. Under ``jax.shard_map``/named ``vmap`` with ``axis_
 must return the worker's *local* gradient (``optlab.data_parallel_value_and_grad(...,
 average=False)``; do not ``pmean`` it), and ``grads`` must be local too; if both are already
 averaged, leave ``axis_name=None`` and the point becomes global instead of per worker.
+
+Gradient accumulation. ``optax.MultiSteps(tx, k)`` averages k micro-batch gradients but
+forwards the extra args of the last micro-step only: a ``grad_fn`` it passes on is closed
+over the last micro-batch, so a transform that calls ``grad_fn`` would silently drop the
+other k - 1 micro-batches. The transforms built here that call ``grad_fn`` detect that
+composition while tracing and raise (:func:`refuse_inside_multi_steps`). Two correct ways:
+
+* Whole batch, exact: call ``update`` once per accumulated batch with
+  ``gfn = microbatched_grad_fn(per_example_grad_fn, batch, k)`` as both ``grads = gfn(params)``
+  and ``grad_fn=gfn``; every gradient evaluation then loops over the k micro-batches
+  (memory of one micro-batch) and the step is the method's step on the whole batch.
+* Per micro-batch (SAM, ASAM, average-direction SAM, EXTRAP-SGD): put ``MultiSteps``
+  *inside*, as the base optimizer, ``sam(optax.MultiSteps(base, k), rho)``. Each micro-batch
+  then takes its second gradient at its own transformed point (SAM's m-sharpness with the
+  micro-batches as groups) and ``MultiSteps`` averages those; the transform's schedules and
+  counters advance once per micro-step.
 
 Example (SAM by hand)::
 
@@ -55,12 +81,15 @@ Example (SAM by hand)::
 
 from __future__ import annotations
 
+import sys
+import types
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 from optlab.parallel import pmean
 from optlab.validation import check_int_in_range
@@ -72,6 +101,9 @@ __all__ = [
     "grad_at_point",
     "group_grad_fn",
     "mean_over",
+    "microbatched_grad_fn",
+    "raw_key",
+    "refuse_inside_multi_steps",
     "safe_global_norm",
     "sharpness_point",
     "translate",
@@ -296,3 +328,101 @@ def group_grad_fn(
         return grad_fn(params, part)
 
     return grouped
+
+
+def microbatched_grad_fn(
+    grad_fn: Callable[[PyTree, PyTree], PyTree],
+    batch: PyTree,
+    num_micro_batches: int,
+    *,
+    vectorize: bool = False,
+) -> Callable[[PyTree], PyTree]:
+    """The gradient on the whole ``batch``, computed one micro-batch at a time.
+
+    ``params -> mean_k grad_fn(params, b_k)`` over the ``num_micro_batches`` equal, contiguous
+    micro-batches ``b_k`` of ``batch`` (split along the leading axis, which must divide).
+    For a loss that is a mean over examples this is the gradient on the whole batch, with the
+    activation memory of one micro-batch (a sequential ``lax.fori_loop``; ``vectorize=True``
+    ``vmap``s the micro-batches instead). It is the correct way to accumulate gradients for
+    a transform that calls ``grad_fn``: pass it as both the gradient and ``grad_fn`` and call
+    ``update`` once per accumulated batch, not under ``optax.MultiSteps``.
+
+    Example (SAM on a batch of 4 x 32 examples, 32 at a time)::
+
+        gfn = microbatched_grad_fn(lambda p, b: jax.grad(loss)(p, b), batch, 4)
+        updates, state = tx.update(gfn(params), state, params, grad_fn=gfn)
+
+    Args:
+      grad_fn: ``grad_fn(params, micro_batch) -> grads`` (no model-state update).
+      batch: a pytree of arrays sharing a leading (batch) axis.
+      num_micro_batches: k >= 1, a Python int dividing the leading size.
+      vectorize: run the micro-batches with ``vmap`` (k times the memory) instead of a loop.
+
+    Returns:
+      ``grad_fn(params) -> grads`` on the whole batch, in the dtypes of ``grad_fn``'s output.
+    """
+    num_micro_batches = check_int_in_range("num_micro_batches", num_micro_batches, min_value=1)
+    grouped = group_grad_fn(grad_fn, batch, num_micro_batches)
+
+    def whole_batch(params: PyTree) -> PyTree:
+        return mean_over(num_micro_batches, lambda k: grouped(params, k), vectorize=vectorize)
+
+    return whole_batch
+
+
+def raw_key(seed: Any, name: str = "seed") -> jax.Array:
+    """PRNG key data (``uint32[2]``, the default threefry key) for a state to hold.
+
+    Accepts an integer seed (a Python int or an integer scalar array, e.g. as
+    ``optax.inject_hyperparams`` passes it), a typed key (``jax.random.key``) or a raw key
+    (``jax.random.PRNGKey``, ``uint32[2]``); the raw form of the same key is returned, so
+    ``jax.random.key(0)`` and ``jax.random.PRNGKey(0)`` give the same stream. Anything else
+    raises a ``ValueError`` naming ``name``.
+    """
+    if isinstance(seed, jax.Array | np.ndarray):
+        if jnp.issubdtype(seed.dtype, jax.dtypes.prng_key):
+            if seed.shape == ():
+                data = jax.random.key_data(seed)
+                if data.shape == (2,) and data.dtype == jnp.uint32:
+                    return data
+        elif seed.shape == (2,) and seed.dtype == np.uint32:
+            return jnp.asarray(seed)
+        elif seed.shape == () and jnp.issubdtype(seed.dtype, jnp.integer):
+            return jax.random.key_data(jax.random.key(seed))
+    elif isinstance(seed, int | np.integer) and not isinstance(seed, bool):
+        return jax.random.key_data(jax.random.key(int(seed)))
+    raise ValueError(
+        f"{name} must be an integer seed, a typed PRNG key (jax.random.key) or a raw "
+        f"uint32[2] key (jax.random.PRNGKey) of the default implementation, got {seed!r}."
+    )
+
+
+def refuse_inside_multi_steps(transform: str, fixes: str = "") -> None:
+    """Raises ``ValueError`` when called (at any depth) from ``optax.MultiSteps.update``.
+
+    ``optax.MultiSteps`` forwards the extra args of its last micro-step only, so a
+    ``grad_fn`` it passes on sees the last micro-batch, not the accumulated batch: a
+    transform that calls ``grad_fn`` would silently drop the other micro-batches. Called
+    from such a transform's ``update``; the check walks the Python call stack while
+    tracing (no cost in the compiled step). ``MultiSteps`` used *inside* the transform (as
+    its base optimizer) is called from it, not around it, and is not refused.
+
+    Args:
+      transform: the transform's name for the message, e.g. ``"optlab.sam"``.
+      fixes: the transform-specific correct compositions, appended to the message.
+    """
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code.co_name == "update" and isinstance(
+            frame.f_locals.get("self"), optax.MultiSteps
+        ):
+            raise ValueError(
+                f"{transform} inside optax.MultiSteps would silently drop micro-batches: "
+                "MultiSteps accumulates the gradients of k micro-batches but forwards the "
+                "grad_fn of the last one only, so the second gradient would see 1/k of the "
+                "batch. Accumulate correctly instead: call update once per accumulated batch "
+                "with a grad_fn over the whole batch, built micro-batch by micro-batch with "
+                "optlab.perturbation.microbatched_grad_fn(grad_fn, batch, k), passed as both "
+                f"the gradient and grad_fn (the exact step on the whole batch){fixes}."
+            )
+        frame = frame.f_back

@@ -24,7 +24,13 @@ import jax.numpy as jnp
 import optax
 
 from optlab.parallel import pmean
-from optlab.perturbation import DEFAULT_EPS, grad_at_point, safe_global_norm, sharpness_point
+from optlab.perturbation import (
+    DEFAULT_EPS,
+    grad_at_point,
+    refuse_inside_multi_steps,
+    safe_global_norm,
+    sharpness_point,
+)
 from optlab.validation import check_float_in_range
 
 __all__ = ["SASAMState", "sa_sam"]
@@ -49,8 +55,9 @@ class SASAMState(NamedTuple):
       rho: the SAM radius used by the last update (0 before the first).
       theta: θ = η_t / η_{t-1} of the last update (the growth memory of the rule); starts at
         +inf in the paper form, 1 in the practical form.
-      prev_params: the params of the last update call x_{t-1} (the initial params before the
-        first), the second point of the smoothness estimate.
+      prev_params: the params of the last update call x_{t-1} (a copy of the initial params
+        before the first), the second point of the smoothness estimate. Never the params'
+        own buffers, so a jitted step may donate both params and state.
     """
 
     count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
@@ -118,6 +125,14 @@ def sa_sam(
     ignored. The update is plain SGD with the adaptive η, as in the paper and code. (The
     authors' code adds weight decay to the descent gradient only and clips ``g_t`` but not
     ``g'_t`` when clipping is on; neither is reproduced.)
+
+    **Gradient accumulation.** ``optax.MultiSteps(sa_sam(...), k)`` is refused with a
+    ``ValueError`` when traced: MultiSteps forwards the ``grad_fn`` of the last micro-batch
+    only, so ``g'_t`` and the SAM gradient would come from one micro-batch while ``g_t`` is
+    the mean of k, and the smoothness estimate would mix batches. Call ``update`` once per
+    accumulated batch with a whole-batch ``grad_fn`` built micro-batch by micro-batch
+    (:func:`optlab.perturbation.microbatched_grad_fn`), passed as both ``grads`` and
+    ``grad_fn``: all three gradients are then on the same whole batch.
 
     **Data parallel** (``axis_name``, under ``jax.shard_map`` or a named ``vmap``): pass the
     worker's *local* ``grads`` and a local ``grad_fn`` (as for :func:`optlab.sam`). The
@@ -193,10 +208,13 @@ def sa_sam(
         dtype = _scalar_dtype(params)
         return SASAMState(
             count=jnp.zeros((), jnp.int32),
-            lr=jnp.asarray(base_lr, dtype),
+            # A copy: under inject_hyperparams base_lr is the state's own hyperparams array.
+            lr=jnp.array(base_lr, dtype, copy=True),
             rho=jnp.zeros((), dtype),
             theta=jnp.asarray(theta_init, dtype),
-            prev_params=params,
+            # A copy: the state must not hold the caller's params buffers (donating both
+            # params and state to a jitted step would donate one buffer twice).
+            prev_params=jax.tree.map(lambda p: jnp.array(p, copy=True), params),
         )
 
     def update_fn(
@@ -215,6 +233,7 @@ def sa_sam(
                 "optlab.sa_sam needs the extra argument grad_fn (params -> grads on the same "
                 "batch as grads)."
             )
+        refuse_inside_multi_steps("optlab.sa_sam")
         dtype = state.lr.dtype
         prev_lr = state.lr
 

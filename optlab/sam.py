@@ -23,13 +23,18 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from optlab.perturbation import DEFAULT_EPS, grad_at_point, sharpness_point
+from optlab.perturbation import (
+    DEFAULT_EPS,
+    grad_at_point,
+    refuse_inside_multi_steps,
+    sharpness_point,
+)
 from optlab.validation import check_float_in_range, check_int_in_range
 
-__all__ = ["SAMState", "asam_scale", "sam"]
+__all__ = ["SAMState", "asam_scale", "asam_weight_mask", "sam"]
 
 PyTree = Any
-Mask = PyTree | Callable[[PyTree], PyTree] | None
+Mask = bool | PyTree | Callable[[PyTree], PyTree] | None
 
 
 class SAMState(NamedTuple):
@@ -45,16 +50,57 @@ class SAMState(NamedTuple):
     base_state: optax.OptState
 
 
+def asam_weight_mask(params: PyTree) -> PyTree:
+    """The leaves ASAM's official code normalises: every weight, no bias.
+
+    The official ASAM code (SamsungLabs/ASAM, ``ascent_step``) applies ``T = |w| + eta`` to
+    the parameters whose name contains ``weight`` (PyTorch's linear/conv weights *and* the
+    BatchNorm/LayerNorm scales) and ``T = 1`` to the biases. In pytree terms:
+
+    * a leaf is a **bias** (``False``) when one of the names on its path, split at ``.``
+      and ``/``, is ``bias`` (flax linen/nnx, equinox and PyTorch-converted names; dict keys
+      and attribute names count, sequence indices do not);
+    * any other leaf with a name on its path is a **weight** (``True``): kernels,
+      embeddings, norm scales, and also a 1-D leaf named ``b`` (haiku's bias name is not
+      recognised: pass ``adaptive_mask`` there);
+    * a leaf with **no name** on its path (a bare array, or inside lists/tuples only) is a
+      weight when ``ndim >= 2`` and a bias otherwise.
+
+    Args:
+      params: the parameter pytree (only its structure, names and shapes are read).
+
+    Returns:
+      A params-shaped tree of Python bools, usable as ``adaptive_mask``.
+    """
+
+    def names(path: tuple[Any, ...]) -> list[str]:
+        found = []
+        for entry in path:
+            if isinstance(entry, jax.tree_util.DictKey) and isinstance(entry.key, str):
+                found.append(entry.key)
+            elif isinstance(entry, jax.tree_util.GetAttrKey):
+                found.append(entry.name)
+        return [part for name in found for part in name.replace("/", ".").split(".")]
+
+    def is_weight(path: tuple[Any, ...], leaf: Any) -> bool:
+        named = names(path)
+        if named:
+            return "bias" not in named
+        return jnp.ndim(leaf) >= 2
+
+    return jax.tree_util.tree_map_with_path(is_weight, params)
+
+
 def asam_scale(adaptive_eps: Any = 0.01, mask: Mask = None) -> Callable[[PyTree], PyTree]:
     """ASAM's elementwise normalisation operator ``T(p) = |p| + adaptive_eps``.
 
-    Leaves where ``mask`` is ``False`` use ``T = 1`` (the official ASAM code applies ``T``
-    only to parameters named ``weight`` and leaves biases alone).
+    Leaves where ``mask`` is ``False`` use ``T = 1``.
 
     Args:
       adaptive_eps: the offset η of ``|p| + η`` (may be traced).
-      mask: ``None`` (every leaf), a params-shaped tree of Python bools, or a callable
-        ``params -> tree of bools``, as in ``optax.masked``.
+      mask: ``None`` for the official ASAM rule, :func:`asam_weight_mask` (weights yes,
+        biases no); ``True``/``False`` for every/no leaf; a params-shaped tree of Python
+        bools; or a callable ``params -> tree of bools``, as in ``optax.masked``.
 
     Returns:
       ``scale(params) -> T``, a params-shaped tree.
@@ -63,7 +109,9 @@ def asam_scale(adaptive_eps: Any = 0.01, mask: Mask = None) -> Callable[[PyTree]
     def scale(params: PyTree) -> PyTree:
         resolved = mask(params) if callable(mask) else mask
         if resolved is None:
-            resolved = jax.tree.map(lambda _: True, params)
+            resolved = asam_weight_mask(params)
+        elif isinstance(resolved, bool):
+            resolved = jax.tree.map(lambda _, use=resolved: use, params)
 
         def one(p: jax.Array, use: bool) -> jax.Array:
             if use:
@@ -97,13 +145,17 @@ def sam(
       \qquad h = \nabla L_B(x + \hat\epsilon), \qquad
       \text{updates} = \mathrm{base}(h)
 
-    with ``T = I`` for SAM and ``T = diag(|x| + adaptive_eps)`` for ASAM (the official
-    ASAM operator, with its η; ``adaptive_eps=0`` gives the ``|x|`` of the popular
-    third-party ``adaptive=True``). By default ``T`` applies to every leaf; the official
-    ASAM code applies it only to weights (kernels and norm scales) and uses ``T = 1`` for
-    biases: pass ``adaptive_mask`` for that, e.g.
-    ``adaptive_mask=lambda p: jax.tree_util.tree_map_with_path(
-    lambda path, _: "bias" not in jax.tree_util.keystr(path), p)``.
+    with ``T = I`` for SAM and ``T = diag(|x| + adaptive_eps)`` for ASAM.
+
+    **Which ASAM.** The default follows the official ASAM code (SamsungLabs/ASAM,
+    ``ascent_step``): ``T = |x| + η`` (η = ``adaptive_eps``, default 0.01) on the weights
+    (kernels, embeddings, norm scales) and ``T = 1`` on the biases, chosen by name as
+    :func:`optlab.asam_weight_mask` documents (a leaf whose path names ``bias`` is a bias; a
+    leaf without any name is a weight iff ``ndim >= 2``). ``adaptive_mask`` overrides the
+    rule. The popular third-party implementation (davda54/sam, ``adaptive=True``) uses
+    ``T = |x|`` on every tensor, biases included: ``adaptive_mask=True, adaptive_eps=0.0``.
+    (Until this default, ``|x| + η`` applied to every leaf, which matches neither code base
+    and barely perturbs zero-initialised biases; ``adaptive_mask=True`` gives it back.)
 
     The norm is global over the whole tree and floored at ``norm_eps``
     (:func:`optlab.safe_global_norm`), so a zero gradient gives ``eps = 0`` and finite
@@ -133,12 +185,26 @@ def sam(
     *before* ``sam`` only changes the first gradient, which SAM uses for its direction only
     (a global clip before ``sam`` has no effect).
 
+    **Gradient accumulation.** ``optax.MultiSteps(sam(...), k)`` is refused with a
+    ``ValueError`` when traced: MultiSteps forwards the ``grad_fn`` of the last micro-batch
+    only, so the SAM gradient would silently drop the other micro-batches. Either call
+    ``update`` once per accumulated batch with a whole-batch ``grad_fn`` built micro-batch by
+    micro-batch (:func:`optlab.perturbation.microbatched_grad_fn`, passed as the gradient and
+    as ``grad_fn``: exact SAM on the whole batch), or put MultiSteps inside,
+    ``sam(optax.MultiSteps(base, k), rho)``: each micro-batch is perturbed from its own
+    gradient and MultiSteps averages the k SAM gradients (m-sharpness over micro-batches; the
+    params, and so the ascent points, stay fixed within the k micro-steps). In that form
+    ``update`` runs per micro-step, so a ``rho`` schedule counts micro-steps (pass
+    ``lambda t: schedule(t // k)`` to count optimizer steps).
+
     Args:
       base: the optimizer fed the SAM gradient (plain or extra-args).
       rho: the radius ρ >= 0; a float, a traced scalar or a schedule ``count -> rho``.
       adaptive: ASAM instead of SAM.
       adaptive_eps: ASAM's η >= 0 in ``T = |x| + η`` (official default 0.01).
-      adaptive_mask: where ``T`` applies with ``adaptive=True`` (see :func:`asam_scale`). A
+      adaptive_mask: where ``T`` applies with ``adaptive=True``: ``None`` (the official
+        rule, :func:`optlab.asam_weight_mask`), ``True`` (every leaf), a params-shaped tree
+        of bools or a callable ``params -> tree of bools`` (see :func:`asam_scale`). A
         callable mask must be listed in ``static_args`` of ``optax.inject_hyperparams``
         (which otherwise takes every callable for a schedule).
       groups: ``None``, or m >= 1 for m-sharpness with a group-indexed ``grad_fn``. A
@@ -193,6 +259,12 @@ def sam(
                 "optlab.sam needs the extra argument grad_fn (params -> grads on the same "
                 "batch; grad_fn(params, group) with groups set)."
             )
+        refuse_inside_multi_steps(
+            "optlab.sam",
+            "; or put MultiSteps inside, optlab.sam(optax.MultiSteps(base, k), rho), to take "
+            "each micro-batch's gradient at its own ascent point and average those "
+            "(m-sharpness over micro-batches)",
+        )
         rho_t = rho(state.count) if callable(rho) else rho
         sam_grads = grad_at_point(
             grad_fn,

@@ -99,8 +99,11 @@ def unflatten_like(params: PyTree, vector: np.ndarray) -> PyTree:
     return ravel_pytree(params)[1](jnp.asarray(vector))
 
 
-def make_step(tx: optax.GradientTransformation, *, with_grad_fn: bool = True):
-    """A jitted ``(params, state, x, y) -> (params, state)`` passing ``grad_fn`` on the batch."""
+def make_step(tx: optax.GradientTransformation, *, with_grad_fn: bool = True, donate: bool = False):
+    """A jitted ``(params, state, x, y) -> (params, state)`` passing ``grad_fn`` on the batch.
+
+    ``donate=True`` donates both params and state (``donate_argnums=(0, 1)``).
+    """
 
     def step(params, state, x, y):
         grads = mlp_grad(params, x, y)
@@ -108,7 +111,7 @@ def make_step(tx: optax.GradientTransformation, *, with_grad_fn: bool = True):
         updates, state = tx.update(grads, state, params, **extra)
         return optax.apply_updates(params, updates), state
 
-    return jax.jit(step)
+    return jax.jit(step, donate_argnums=(0, 1) if donate else ())
 
 
 def run(tx, params, xs, ys, *, state=None, start: int = 0, with_grad_fn: bool = True):
@@ -253,6 +256,28 @@ def check_nnx_optimizer(tx, steps: int = 3, *, with_grad_fn: bool = True) -> PyT
     got = nnx.as_pure(nnx.state(model, nnx.Param))
     assert_trees_close(got, params, rtol=1e-5, atol=1e-7)
     return nnx.as_pure(optimizer.opt_state)
+
+
+def check_donating_step(tx, steps: int = 3, *, with_grad_fn: bool = True) -> PyTree:
+    """A jitted step donating both params and state, from ``tx.init(params)`` on the very
+    params it donates, runs (no state leaf is a params buffer or another state leaf's
+    buffer: XLA refuses to donate one buffer twice) and follows the non-donating run.
+    Returns the final state."""
+    xs, ys = mlp_data(steps)
+    expected, _, _ = run(tx, mlp_params(), xs, ys, with_grad_fn=with_grad_fn)
+    params = mlp_params()
+    state = tx.init(params)
+    buffers = [
+        leaf.unsafe_buffer_pointer()
+        for leaf in jax.tree.leaves((params, state))
+        if isinstance(leaf, jax.Array) and not jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key)
+    ]
+    assert len(set(buffers)) == len(buffers), "a state leaf aliases params or another leaf"
+    step = make_step(tx, with_grad_fn=with_grad_fn, donate=True)
+    for t in range(steps):
+        params, state = step(params, state, xs[t], ys[t])
+    assert_trees_close(params, expected, rtol=1e-6, atol=1e-7)
+    return state
 
 
 def worker_step(tx: optax.GradientTransformation, *, with_grad_fn: bool = True) -> Callable:

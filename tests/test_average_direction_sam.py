@@ -8,6 +8,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 from sam_family_checks import (
     assert_trees_close,
+    check_donating_step,
     check_dtype_is_kept,
     check_nnx_optimizer,
     check_no_retrace,
@@ -44,12 +45,22 @@ def _noise_tree(seed, t, j, params, worker):
     return gaussian_like(jax.random.fold_in(key, j), params)
 
 
-@pytest.mark.parametrize("sigma", [0.05, optax.exponential_decay(0.1, 1, 0.5)])
-def test_matches_reference_loop(sigma):
+@pytest.mark.parametrize(
+    ("sigma", "seed"),
+    [
+        (0.05, 7),
+        (optax.exponential_decay(0.1, 1, 0.5), 7),
+        # A typed key and a raw uint32[2] key for the same seed give the same stream.
+        (0.05, jax.random.key(7)),
+        (0.05, jax.random.PRNGKey(7)),
+    ],
+    ids=["int_seed", "sigma_schedule", "typed_key", "raw_key"],
+)
+def test_matches_reference_loop(sigma, seed):
     with enable_x64():
         params = mlp_params(jnp.float64)
         xs, ys = mlp_data(STEPS, dtype=jnp.float64)
-        tx = optlab.average_direction_sam(optax.sgd(LR, momentum=MOMENTUM), sigma, 3, seed=7)
+        tx = optlab.average_direction_sam(optax.sgd(LR, momentum=MOMENTUM), sigma, 3, seed=seed)
         got, _, _ = run(tx, params, xs, ys)
         grad = flat_grad_fn(params)
         w, m = flat(params), 0.0
@@ -178,14 +189,69 @@ def test_contract_no_retrace_nnx_chain_multi_steps():
     check_no_retrace(tx)
     opt_state = check_nnx_optimizer(tx)
     assert int(opt_state.count) == 3
-    # Inside a chain inside MultiSteps: the transform runs (and draws noise) once per two
-    # mini-steps, with grad_fn passed through both wrappers.
+    # Inside a chain: the clip acts on the first gradient, which this method does not use.
     params = mlp_params()
     xs, ys = mlp_data(4)
-    wrapped = optax.MultiSteps(optax.chain(optax.clip_by_global_norm(1.0), tx), 2)
-    got, state, _ = run(wrapped, params, xs, ys)
-    assert int(state.inner_opt_state[1].count) == 2
-    assert not np.array_equal(got["w1"], params["w1"])
+    chained, state, _ = run(optax.chain(optax.clip_by_global_norm(1e-3), tx), params, xs, ys)
+    plain, _, _ = run(tx, params, xs, ys)
+    assert_trees_close(chained, plain, rtol=1e-6, atol=1e-7)
+    assert int(state[1].count) == 4
+
+
+def test_multi_steps_around_is_refused_naming_the_fixes():
+    # MultiSteps would hand over the last micro-batch's grad_fn and this method ignores the
+    # accumulated gradient: k - 1 micro-batches would be dropped.
+    params = mlp_params()
+    xs, ys = mlp_data(2)
+    tx = optlab.average_direction_sam(optax.sgd(LR), 0.05, 2)
+    for wrapped in (
+        optax.MultiSteps(tx, 2),
+        optax.MultiSteps(optax.chain(optax.clip_by_global_norm(1.0), tx), 2),
+    ):
+        with pytest.raises(
+            ValueError, match=r"MultiSteps.*microbatched_grad_fn.*MultiSteps\(base, k\)"
+        ):
+            run(wrapped, params, xs, ys)
+
+
+def test_multi_steps_inside_matches_an_independent_accumulation_loop():
+    with enable_x64():
+        params = mlp_params(jnp.float64)
+        xs, ys = mlp_data(6, dtype=jnp.float64)
+        base = optax.MultiSteps(optax.sgd(LR, momentum=MOMENTUM), 2, accumulator_dtype=jnp.float64)
+        tx = optlab.average_direction_sam(base, 0.05, 2, seed=3)
+        got, state, _ = run(tx, params, xs, ys)
+        assert int(state.count) == 6  # one noise draw per micro-batch
+        grad = flat_grad_fn(params)
+        w, m = flat(params), 0.0
+        for start in (0, 2, 4):
+            h = 0.0
+            for i in (start, start + 1):  # each micro-batch: its own noise, at the same w
+                for j in range(2):
+                    h = h + grad(w + 0.05 * _noise(3, i, j, params), xs[i], ys[i]) / 4
+            m = MOMENTUM * m + h
+            w = w - LR * m
+        np.testing.assert_allclose(flat(got), w, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optlab.average_direction_sam(optax.sgd(LR, momentum=MOMENTUM), 0.05, 2),
+        lambda: optlab.average_direction_sam(optax.adam(1e-2), 0.05, seed=jax.random.PRNGKey(1)),
+        lambda: optax.chain(
+            optax.clip_by_global_norm(1.0),
+            optlab.average_direction_sam(optax.sgd(LR), 0.05, seed=jax.random.key(1)),
+        ),
+        lambda: optax.inject_hyperparams(
+            optlab.average_direction_sam, static_args=("num_samples",)
+        )(optax.sgd(LR), 0.05, seed=4),
+        lambda: optlab.average_direction_sam(optax.MultiSteps(optax.sgd(LR), 2), 0.05),
+    ],
+    ids=["sgd", "raw_key", "chain_typed_key", "inject", "multi_steps_inside"],
+)
+def test_jitted_step_donating_params_and_state(make):
+    check_donating_step(make(), steps=4)
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
@@ -207,6 +273,8 @@ def test_orbax_round_trip_resumes_the_same_noise_stream(tmp_path):
         ((float("inf"), 1), {}, "sigma"),
         ((0.1, 0), {}, "num_samples"),
         ((0.1, 2.0), {}, "num_samples"),
+        ((0.1, 1), {"seed": 1.5}, "seed"),
+        ((0.1, 1), {"seed": jnp.zeros(3, jnp.uint32)}, "seed"),
     ],
 )
 def test_invalid_arguments_raise_naming_the_parameter(args, kwargs, name):

@@ -1,6 +1,8 @@
 """optlab.extrapolation / extrap_sgd: local extragradient, extrapolation from the past and
 noise extrapolation against reference loops, switching off, workers, and the contract."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 from sam_family_checks import (
     assert_trees_close,
     assert_trees_equal,
+    check_donating_step,
     check_dtype_is_kept,
     check_nnx_optimizer,
     check_no_retrace,
@@ -40,11 +43,13 @@ def _gamma(t):
     return float(GAMMA(jnp.int32(t)))
 
 
-def _reference(params0, xs, ys, direction, *, stop_after=None, seed=0):
+def _reference(params0, xs, ys, direction, *, stop_after=None, seed=0, gamma=_gamma):
     """Plain float64 loop from Lin et al.'s framework with heavy-ball SGD as the optimizer.
 
-    Returns (true iterate x, point the loop holds) after all steps.
+    Step t extrapolates with ``gamma(t)``. Returns (true iterate x, point the loop holds)
+    after all steps.
     """
+    _gamma = gamma
     grad = flat_grad_fn(params0)
     x, m, offset = flat(params0), 0.0, 0.0
 
@@ -90,6 +95,50 @@ def test_matches_reference_loop(direction, stop_after):
             np.testing.assert_array_equal(flat(held), flat(evaluated))
         plain = reference_heavy_ball(params, xs, ys, LR, MOMENTUM)
         assert np.max(np.abs(plain - x)) > 1e-4
+
+
+# Reaches 0 at step 3: with the offset of step t+1 built from gamma_t, step 3 would still
+# be extrapolated (the lag this checks for).
+GAMMA_TO_ZERO = optax.piecewise_constant_schedule(0.4, {2: 0.5, 3: 0.0})
+
+
+def _gamma_to_zero(t):
+    return float(GAMMA_TO_ZERO(jnp.int32(t)))
+
+
+@pytest.mark.parametrize("direction", ["past", "noise"])
+@pytest.mark.parametrize("how", ["plain", "injected", "injected_partial", "static_args"])
+def test_gamma_schedule_plain_and_injected_match_the_reference(direction, how):
+    """Step t+1's offset uses gamma_{t+1}, however the schedule reaches the transform."""
+    base = optax.sgd(LR, momentum=MOMENTUM)
+    with enable_x64():
+        params = mlp_params(jnp.float64)
+        xs, ys = mlp_data(STEPS, dtype=jnp.float64)
+        if how == "plain":
+            tx = optlab.extrapolation(base, GAMMA_TO_ZERO, direction=direction, seed=5)
+        elif how == "injected":
+            tx = optax.inject_hyperparams(optlab.extrapolation)(
+                base, gamma=GAMMA_TO_ZERO, direction=direction, seed=5
+            )
+        elif how == "injected_partial":
+            factory = functools.partial(optlab.extrapolation, base, direction=direction)
+            tx = optax.inject_hyperparams(factory)(gamma=GAMMA_TO_ZERO, seed=5)
+        else:
+            tx = optax.inject_hyperparams(optlab.extrapolation, static_args=("gamma",))(
+                base, gamma=GAMMA_TO_ZERO, direction=direction, seed=5
+            )
+        held, state, path = run(tx, params, xs, ys, with_grad_fn=False)
+        x, y = _reference(params, xs, ys, direction, seed=5, gamma=_gamma_to_zero)
+        np.testing.assert_allclose(flat(held), y, rtol=1e-11, atol=1e-13)
+        np.testing.assert_allclose(
+            flat(optlab.extrapolation_eval_params(held, state)), x, rtol=1e-11, atol=1e-13
+        )
+        # gamma is 0 from step 3 on: the loop holds the true iterate (offset exactly 0).
+        offset = optax.tree.get(state, "offset")
+        assert all(float(np.abs(o).max()) == 0.0 for o in jax.tree.leaves(offset))
+        # The step-2 offset is gamma_2 = 0.2 (not gamma_1 = 0.4).
+        _, y2 = _reference(params, xs[:2], ys[:2], direction, seed=5, gamma=_gamma_to_zero)
+        np.testing.assert_allclose(flat(path[1]), y2, rtol=1e-11, atol=1e-13)
 
 
 @pytest.mark.parametrize("direction", ["gradient", "past", "noise"])
@@ -231,11 +280,116 @@ def test_contract_gradient_direction():
     check_no_retrace(tx)
     opt_state = check_nnx_optimizer(tx)
     assert int(opt_state.count) == 3
-    # MultiSteps: the inner update (and its second gradient) runs once per two mini-steps.
+
+
+def test_multi_steps_around_the_gradient_direction_is_refused_naming_the_fixes():
+    # MultiSteps would hand over the last micro-batch's grad_fn only.
     params = mlp_params()
-    xs, ys = mlp_data(4)
-    _, state, _ = run(optax.MultiSteps(tx, every_k_schedule=2), params, xs, ys)
-    assert int(state.inner_opt_state.count) == 2
+    xs, ys = mlp_data(2)
+    for tx in (
+        optlab.extrap_sgd(optax.sgd(LR), 0.1),
+        optax.chain(optax.clip(1.0), optlab.extrapolation(optax.sgd(LR), 0.1)),
+    ):
+        with pytest.raises(
+            ValueError, match=r"MultiSteps.*microbatched_grad_fn.*extrap_sgd\(optax\.MultiSteps"
+        ):
+            run(optax.MultiSteps(tx, 2), params, xs, ys)
+
+
+def test_multi_steps_inside_extrap_sgd_matches_an_independent_accumulation_loop():
+    """Each micro-batch extrapolates with its own gradient (like a worker); mean of the k."""
+    with enable_x64():
+        params = mlp_params(jnp.float64)
+        xs, ys = mlp_data(6, dtype=jnp.float64)
+        base = optax.MultiSteps(optax.sgd(LR, momentum=MOMENTUM), 2, accumulator_dtype=jnp.float64)
+        got, state, _ = run(optlab.extrap_sgd(base, 0.2), params, xs, ys)
+        assert int(state.count) == 6
+        grad = flat_grad_fn(params)
+        x, m = flat(params), 0.0
+        for start in (0, 2, 4):
+            h = 0.0
+            for i in (start, start + 1):
+                g = grad(x, xs[i], ys[i])
+                h = h + grad(x - 0.2 * g, xs[i], ys[i]) / 2
+            m = MOMENTUM * m + h
+            x = x - LR * m
+        np.testing.assert_allclose(flat(got), x, rtol=1e-11, atol=1e-13)
+
+
+@pytest.mark.parametrize("direction", ["past", "noise"])
+def test_single_call_directions_inside_multi_steps_match_an_accumulation_loop(direction):
+    """All k micro-batches at the same extrapolated point; the offset moves once per k."""
+    with enable_x64():
+        params = mlp_params(jnp.float64)
+        xs, ys = mlp_data(6, dtype=jnp.float64)
+        tx = optlab.extrapolation(
+            optax.sgd(LR, momentum=MOMENTUM), GAMMA, direction=direction, seed=2
+        )
+        multi = optax.MultiSteps(tx, 2, accumulator_dtype=jnp.float64)
+        held, state, _ = run(multi, params, xs, ys, with_grad_fn=False)
+        grad = flat_grad_fn(params)
+        x, m, offset = flat(params), 0.0, 0.0
+        for step, start in enumerate((0, 2, 4)):
+            h = sum(grad(x + offset, xs[i], ys[i]) for i in (start, start + 1)) / 2
+            m = MOMENTUM * m + h
+            x = x - LR * m
+            if direction == "past":
+                u = h
+            else:
+                key = jax.random.fold_in(jax.random.key(2), step + 1)
+                u = flat(gaussian_like(key, params))
+            offset = -_gamma(step + 1) * u
+        np.testing.assert_allclose(flat(held), x + offset, rtol=1e-11, atol=1e-13)
+        np.testing.assert_allclose(
+            flat(optlab.extrapolation_eval_params(held, state)), x, rtol=1e-11, atol=1e-13
+        )
+
+
+@pytest.mark.parametrize("seed", [jax.random.key(9), jax.random.PRNGKey(9)], ids=["typed", "raw"])
+def test_noise_seed_takes_typed_and_raw_keys(seed):
+    with enable_x64():
+        params = mlp_params(jnp.float64)
+        xs, ys = mlp_data(3, dtype=jnp.float64)
+        tx = optlab.extrapolation(
+            optax.sgd(LR, momentum=MOMENTUM), GAMMA, direction="noise", seed=seed
+        )
+        held, _, _ = run(tx, params, xs, ys, with_grad_fn=False)
+        _, y = _reference(params, xs, ys, "noise", seed=9)
+        np.testing.assert_allclose(flat(held), y, rtol=1e-11, atol=1e-13)
+    with pytest.raises(ValueError, match="seed"):
+        optlab.extrapolation(optax.sgd(LR), 0.1, direction="noise", seed=2.5)
+
+
+@pytest.mark.parametrize(
+    ("make", "with_grad_fn"),
+    [
+        (lambda: optlab.extrap_sgd(optax.sgd(LR, momentum=MOMENTUM), 0.1, stop_after=2), True),
+        (lambda: optlab.extrapolation(optax.adam(1e-2), 0.1, direction="past"), False),
+        (
+            lambda: optlab.extrapolation(
+                optax.sgd(LR), 0.1, direction="noise", seed=jax.random.PRNGKey(0)
+            ),
+            False,
+        ),
+        (
+            lambda: optax.chain(
+                optax.clip(1.0), optlab.extrapolation(optax.sgd(LR), 0.1, direction="past")
+            ),
+            False,
+        ),
+        (
+            lambda: optax.inject_hyperparams(optlab.extrapolation)(
+                optax.sgd(LR), GAMMA, direction="noise", stop_after=4
+            ),
+            False,
+        ),
+        (lambda: optax.inject_hyperparams(optlab.extrap_sgd)(optax.sgd(LR), 0.1), True),
+        (lambda: optlab.extrap_sgd(optax.MultiSteps(optax.sgd(LR), 2), 0.1), True),
+    ],
+    ids=["gradient", "past", "noise_raw_key", "chain", "inject_noise", "inject_gradient", "ms"],
+)
+def test_jitted_step_donating_params_and_state(make, with_grad_fn):
+    check_donating_step(make(), steps=4, with_grad_fn=with_grad_fn)
 
 
 def test_contract_single_call_directions():

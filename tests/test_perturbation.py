@@ -15,6 +15,9 @@ from optlab.perturbation import (
     grad_at_point,
     group_grad_fn,
     mean_over,
+    microbatched_grad_fn,
+    raw_key,
+    refuse_inside_multi_steps,
     safe_global_norm,
     sharpness_point,
     translate,
@@ -195,3 +198,52 @@ def test_group_grad_fn_validates_groups():
         group_grad_fn(lambda p, b: p, batch, 0)
     with pytest.raises(ValueError, match="groups"):
         grad_at_point(lambda p, k: p, {"w": jnp.ones(2)}, None, sharpness_point(0.1), groups=2.0)
+
+
+@pytest.mark.parametrize("vectorize", [False, True])
+def test_microbatched_grad_fn_is_the_whole_batch_gradient(x64, vectorize):
+    params = mlp_params(jnp.float64)
+    xs, ys = mlp_data(1, dtype=jnp.float64)
+    gfn = microbatched_grad_fn(lambda p, b: mlp_grad(p, *b), (xs[0], ys[0]), 4, vectorize=vectorize)
+    assert_trees_close(jax.jit(gfn)(params), mlp_grad(params, xs[0], ys[0]), rtol=1e-12)
+    with pytest.raises(ValueError, match="groups"):
+        microbatched_grad_fn(lambda p, b: p, (jnp.zeros((6, 2)),), 4)
+    with pytest.raises(ValueError, match="num_micro_batches"):
+        microbatched_grad_fn(lambda p, b: p, (jnp.zeros((6, 2)),), 0)
+
+
+def test_raw_key_accepts_seeds_typed_and_raw_keys_alike():
+    want = np.asarray(jax.random.key_data(jax.random.key(7)))
+    for seed in (7, np.int64(7), jnp.int32(7), jax.random.key(7), jax.random.PRNGKey(7)):
+        got = raw_key(seed)
+        assert got.dtype == jnp.uint32
+        np.testing.assert_array_equal(got, want)
+    for bad in (1.5, True, "7", jnp.zeros(3, jnp.uint32), jax.random.split(jax.random.key(0))):
+        with pytest.raises(ValueError, match="seed"):
+            raw_key(bad)
+
+
+@pytest.mark.parametrize("make_key", [jax.random.key, jax.random.PRNGKey], ids=["typed", "raw"])
+def test_gaussian_like_takes_typed_and_raw_keys(make_key):
+    tree = {"a": jnp.zeros((4, 3)), "b": jnp.zeros(5, jnp.bfloat16)}
+    got = jax.jit(gaussian_like)(make_key(3), tree)
+    want = gaussian_like(jax.random.key(3), tree)
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+
+
+def test_refuse_inside_multi_steps_only_around_the_caller():
+    def probe(inner=None):
+        inner = optax.identity() if inner is None else inner
+
+        def update(updates, state, params=None, **extra):
+            refuse_inside_multi_steps("probe", "; fix X")
+            return inner.update(updates, state, params)
+
+        return optax.GradientTransformationExtraArgs(inner.init, update)
+
+    params = {"w": jnp.ones(2)}
+    for fine in (probe(), probe(optax.MultiSteps(optax.sgd(0.1), 2))):  # MultiSteps inside
+        jax.jit(fine.update)(params, fine.init(params), params)
+    for outer in (optax.MultiSteps(probe(), 2), optax.MultiSteps(optax.chain(probe()), 3)):
+        with pytest.raises(ValueError, match=r"probe inside optax\.MultiSteps.*; fix X\."):
+            jax.jit(outer.update)(params, outer.init(params), params)

@@ -12,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 from sam_family_checks import (
     assert_trees_close,
     assert_trees_equal,
+    check_donating_step,
     flat,
     flat_grad_fn,
     make_step,
@@ -26,6 +27,7 @@ from sam_family_checks import (
 )
 
 import optlab
+from optlab.perturbation import microbatched_grad_fn
 
 PRESETS = {"paper": (1.0, 2.0, 0.0), "practical": (0.02, 1.0, 1e-8)}
 
@@ -234,34 +236,57 @@ def test_in_optax_chain_and_state_lookup():
     np.testing.assert_allclose(optax.tree.get(state, "lr"), plain_state.lr, rtol=1e-6)
 
 
+def test_multi_steps_around_sa_sam_is_refused_naming_the_fix():
+    # MultiSteps would mix the mean of k gradients with one micro-batch's g'_t and SAM gradient.
+    params = mlp_params()
+    xs, ys = mlp_data(2)
+    for wrapped in (
+        optax.MultiSteps(optlab.sa_sam(0.3), every_k_schedule=2),
+        optax.MultiSteps(optax.chain(optlab.sa_sam(0.3), optax.scale(1.0)), 2),
+    ):
+        with pytest.raises(
+            ValueError, match=r"sa_sam inside optax\.MultiSteps.*microbatched_grad_fn"
+        ):
+            run(wrapped, params, xs, ys)
+
+
 @pytest.mark.usefixtures("x64")
-def test_multi_steps_applies_one_sa_sam_step_per_k_mini_steps():
-    """Full-batch gradients: k equal mini-steps accumulate to one SA-SAM step."""
+@pytest.mark.parametrize("form", ["paper", "practical"])
+def test_microbatched_grad_fn_gives_sa_sam_on_the_whole_batch(form):
+    """All three gradients computed over 4 micro-batches of 4 examples: the whole-batch rule."""
     params = mlp_params(jnp.float64)
-    xs, ys = mlp_data(1, dtype=jnp.float64)
-    x, y = xs[0], ys[0]
-    grad_fn = lambda p: mlp_grad(p, x, y)
-    # MultiSteps accumulates in float32 unless told otherwise.
-    multi = optax.MultiSteps(optlab.sa_sam(0.3), every_k_schedule=2, accumulator_dtype=jnp.float64)
-    single = optlab.sa_sam(0.3)
+    xs, ys = mlp_data(6, dtype=jnp.float64)
+    batches = list(zip(xs, ys, strict=True))
+    records = reference(form, 0.5, flat(params), flat_grad_fn(params), batches)
+    tx = optlab.sa_sam(0.5, form=form)
 
-    def stepper(tx):
-        def step(p, s):
-            updates, s = tx.update(grad_fn(p), s, p, grad_fn=grad_fn)
-            return optax.apply_updates(p, updates), s
+    @jax.jit
+    def step(p, s, x, y):
+        gfn = microbatched_grad_fn(lambda q, b: mlp_grad(q, *b), (x, y), 4)
+        updates, s = tx.update(gfn(p), s, p, grad_fn=gfn)
+        return optax.apply_updates(p, updates), s
 
-        return jax.jit(step)
+    state = tx.init(params)
+    for t, record in enumerate(records):
+        params, state = step(params, state, xs[t], ys[t])
+        np.testing.assert_allclose(flat(params), record["w"], rtol=1e-10, atol=1e-13)
+        np.testing.assert_allclose(state.lr, record["lr"], rtol=1e-10)
 
-    multi_step, single_step = stepper(multi), stepper(single)
-    p_multi, s_multi = params, multi.init(params)
-    p_single, s_single = params, single.init(params)
-    for t in range(6):
-        p_multi, s_multi = multi_step(p_multi, s_multi)
-        if t % 2 == 1:
-            p_single, s_single = single_step(p_single, s_single)
-            assert_trees_close(p_multi, p_single, rtol=1e-12)
-    np.testing.assert_allclose(s_multi.inner_opt_state.lr, s_single.lr, rtol=1e-12)
-    assert int(s_multi.inner_opt_state.count) == 3
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optlab.sa_sam(0.3),
+        lambda: optlab.sa_sam(0.3, form="practical"),
+        lambda: optax.chain(optlab.sa_sam(0.3), optax.scale(1.0)),
+        lambda: optax.inject_hyperparams(optlab.sa_sam)(0.3, rho_scale=0.5),
+    ],
+    ids=["paper", "practical", "chain", "inject"],
+)
+def test_jitted_step_donating_params_and_state(make):
+    # init used to store the params themselves as prev_params: "donate the same buffer twice".
+    state = check_donating_step(make(), steps=4)
+    assert np.isfinite(float(optax.tree.get(state, "lr")))
 
 
 def test_through_flax_nnx_optimizer():

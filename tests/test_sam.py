@@ -1,6 +1,8 @@
 """optlab.sam (SAM, ASAM, m-sharpness, per-worker perturbations) against reference loops,
 optax.contrib.sam, and the transform contract of DESIGN.md section 2."""
 
+from typing import NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +12,7 @@ from jax.sharding import PartitionSpec as P
 from sam_family_checks import (
     assert_trees_close,
     assert_trees_equal,
+    check_donating_step,
     check_dtype_is_kept,
     check_nnx_optimizer,
     check_no_retrace,
@@ -29,7 +32,7 @@ from sam_family_checks import (
 )
 
 import optlab
-from optlab.perturbation import group_grad_fn
+from optlab.perturbation import group_grad_fn, microbatched_grad_fn
 
 LR, MOMENTUM, STEPS = 0.1, 0.9, 5
 
@@ -69,7 +72,12 @@ def _reference_sam(params0, xs, ys, rho, *, adaptive=None, groups=1):
     ("kwargs", "ref_kwargs"),
     [
         ({"rho": 0.05}, {"rho": 0.05}),
-        ({"rho": 0.5, "adaptive": True}, {"rho": 0.5, "adaptive": "all"}),
+        ({"rho": 0.5, "adaptive": True, "adaptive_mask": True}, {"rho": 0.5, "adaptive": "all"}),
+        (
+            # davda54/sam's adaptive=True: T = |w| on every tensor, no eta.
+            {"rho": 0.5, "adaptive": True, "adaptive_mask": True, "adaptive_eps": 0.0},
+            {"rho": 0.5, "adaptive": "davda54"},
+        ),
         (
             {"rho": 0.5, "adaptive": True, "adaptive_eps": 0.1, "adaptive_mask": _no_bias},
             {"rho": 0.5, "adaptive": "no_bias"},
@@ -80,7 +88,7 @@ def _reference_sam(params0, xs, ys, rho, *, adaptive=None, groups=1):
             {"rho": lambda t: 0.2 * 0.5 ** ((t >= 1) + (t >= 3))},
         ),
     ],
-    ids=["sam", "asam", "asam_weights_only", "rho_schedule"],
+    ids=["sam", "asam_all_leaves", "asam_davda54", "asam_weights_only", "rho_schedule"],
 )
 def test_matches_reference_loop(kwargs, ref_kwargs):
     with enable_x64():
@@ -91,6 +99,8 @@ def test_matches_reference_loop(kwargs, ref_kwargs):
         adaptive = ref_kwargs.get("adaptive")
         if adaptive == "all":
             adaptive = (0.01, jax.tree.map(lambda _: True, params))
+        elif adaptive == "davda54":
+            adaptive = (0.0, jax.tree.map(lambda _: True, params))
         elif adaptive == "no_bias":
             adaptive = (0.1, _no_bias(params))
         expected = _reference_sam(params, xs, ys, ref_kwargs["rho"], adaptive=adaptive)
@@ -98,6 +108,125 @@ def test_matches_reference_loop(kwargs, ref_kwargs):
         # The perturbation is not negligible here: plain momentum SGD ends elsewhere.
         plain = reference_heavy_ball(params, xs, ys, LR, MOMENTUM)
         assert np.max(np.abs(plain - expected)) > 1e-3
+
+
+# A flax-style model: names as flax linen/nnx give them. Which leaves the official ASAM code
+# normalises is written out by hand (PyTorch: every parameter named *weight*, i.e. kernels and
+# the LayerNorm scale; biases not).
+_NAMED_USES_T = {
+    ("Dense_0", "kernel"): True,
+    ("Dense_0", "bias"): False,
+    ("LayerNorm_0", "scale"): True,
+    ("Dense_1", "kernel"): True,
+    ("Dense_1", "bias"): False,
+}
+
+
+def _named_params(dtype=jnp.float32):
+    k = jax.random.split(jax.random.key(3), 3)
+    return {
+        "Dense_0": {
+            "kernel": (0.8 * jax.random.normal(k[0], (3, 4))).astype(dtype),
+            "bias": jnp.zeros((4,), dtype),  # zero-initialised, as flax does
+        },
+        "LayerNorm_0": {"scale": (1.0 + 0.1 * jax.random.normal(k[1], (4,))).astype(dtype)},
+        "Dense_1": {
+            "kernel": (0.8 * jax.random.normal(k[2], (4, 2))).astype(dtype),
+            "bias": jnp.zeros((2,), dtype),
+        },
+    }
+
+
+def _named_loss(p, x, y):
+    hidden = jnp.tanh(
+        p["LayerNorm_0"]["scale"] * (x @ p["Dense_0"]["kernel"] + p["Dense_0"]["bias"])
+    )
+    return jnp.mean((hidden @ p["Dense_1"]["kernel"] + p["Dense_1"]["bias"] - y) ** 2)
+
+
+def _reference_asam_by_name(params0, xs, ys, rho, eta, uses_t):
+    """Float64 ASAM loop; ``uses_t[(module, name)]`` says where T = |w| + eta applies."""
+    names = [(m, n) for m in sorted(params0) for n in sorted(params0[m])]  # flatten order
+    sizes = [params0[m][n].size for m, n in names]
+    shapes = [params0[m][n].shape for m, n in names]
+
+    def unflatten(w):
+        out, start = {}, 0
+        for (m, n), size, shape in zip(names, sizes, shapes, strict=True):
+            out.setdefault(m, {})[n] = jnp.asarray(w[start : start + size].reshape(shape))
+            start += size
+        return out
+
+    def grad(w, x, y):
+        g = jax.grad(_named_loss)(unflatten(w), x, y)
+        return np.concatenate([np.ravel(g[m][n]) for m, n in names])
+
+    w = np.concatenate([np.ravel(np.asarray(params0[m][n], np.float64)) for m, n in names])
+    use = np.concatenate(
+        [np.full(size, uses_t[key]) for key, size in zip(names, sizes, strict=True)]
+    )
+    mom = 0.0
+    for x, y in zip(xs, ys, strict=True):
+        g = grad(w, x, y)
+        t_w = np.where(use, np.abs(w) + eta, 1.0)
+        h = grad(w + rho * t_w**2 * g / np.linalg.norm(t_w * g), x, y)
+        mom = MOMENTUM * mom + h
+        w = w - LR * mom
+    return w
+
+
+def test_asam_default_is_the_official_code_weights_only_by_name():
+    with enable_x64():
+        params = _named_params(jnp.float64)
+        xs, ys = mlp_data(STEPS, dtype=jnp.float64)
+        tx = optlab.sam(optax.sgd(LR, momentum=MOMENTUM), 0.5, adaptive=True)
+
+        @jax.jit
+        def step(p, s, x, y):
+            grad_fn = lambda q: jax.grad(_named_loss)(q, x, y)
+            updates, s = tx.update(grad_fn(p), s, p, grad_fn=grad_fn)
+            return optax.apply_updates(p, updates), s
+
+        got, state = params, tx.init(params)
+        for t in range(STEPS):
+            got, state = step(got, state, xs[t], ys[t])
+        got = np.concatenate([np.ravel(got[m][n]) for m in sorted(got) for n in sorted(got[m])])
+        want = _reference_asam_by_name(params, xs, ys, 0.5, 0.01, _NAMED_USES_T)
+        np.testing.assert_allclose(got, want, rtol=1e-11, atol=1e-13)
+        # The old default (T on every leaf, biases too) is a different method here.
+        every_leaf = _reference_asam_by_name(
+            params, xs, ys, 0.5, 0.01, dict.fromkeys(_NAMED_USES_T, True)
+        )
+        assert np.max(np.abs(every_leaf - want)) > 1e-4
+
+
+def test_asam_weight_mask_names_and_unnamed_leaves():
+    class Linear(NamedTuple):  # attribute names, as equinox modules flatten
+        weight: jax.Array
+        bias: jax.Array
+
+    w2, w1 = jnp.ones((2, 2)), jnp.ones(2)
+    cases = [
+        ({"Dense_0": {"kernel": w2, "bias": w1}}, {"Dense_0": {"kernel": True, "bias": False}}),
+        ({"bn": {"scale": w1, "bias": w1}}, {"bn": {"scale": True, "bias": False}}),
+        (Linear(w2, w1), Linear(True, False)),
+        (
+            {"fc.weight": w2, "fc.bias": w1, "ln/bias": w1},
+            {"fc.weight": True, "fc.bias": False, "ln/bias": False},
+        ),
+        ({"w": w1, "b": w1}, {"w": True, "b": True}),  # named, none "bias": all weights
+        ([w2, w1, [w2, w1]], [True, False, [True, False]]),  # unnamed: ndim >= 2
+        (w1, False),
+        (w2, True),
+    ]
+    for params, want in cases:
+        assert optlab.asam_weight_mask(params) == want
+    # nnx.Optimizer.init sees Variables: the trailing ".value" does not hide the name.
+    from flax import nnx
+
+    model = nnx.Linear(2, 3, rngs=nnx.Rngs(0))
+    mask = optlab.asam_weight_mask(nnx.state(model, nnx.Param))
+    assert jax.tree.leaves(mask) == [False, True]  # bias, kernel
 
 
 @pytest.mark.parametrize("vectorize", [False, True])
@@ -301,23 +430,73 @@ def test_clip_before_sam_is_a_noop_and_clip_in_base_clips_the_sam_gradient():
     np.testing.assert_allclose([np.linalg.norm(d) for d in moves], LR * 1e-3, rtol=1e-3)
 
 
-def test_multi_steps_accumulates_then_runs_sam_on_the_mean_gradient():
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_multi_steps_around_sam_is_refused_naming_the_fixes(adaptive):
+    # MultiSteps forwards the last micro-batch's grad_fn only: refused, not silently wrong.
     params = mlp_params()
-    xs, ys = mlp_data(4)
-    inner = optlab.sam(optax.sgd(LR, momentum=MOMENTUM), 0.1)
-    got, _, _ = run(optax.MultiSteps(inner, every_k_schedule=2), params, xs, ys)
-    # Reference: every second step, SAM on the mean of two gradients with the last grad_fn.
-    state, expected = inner.init(params), params
-    for t in (1, 3):
-        mean = jax.tree.map(
-            lambda a, b: (a + b) / 2,
-            mlp_grad(expected, xs[t - 1], ys[t - 1]),
-            mlp_grad(expected, xs[t], ys[t]),
-        )
-        grad_fn = lambda p: mlp_grad(p, xs[t], ys[t])
-        updates, state = inner.update(mean, state, expected, grad_fn=grad_fn)
-        expected = optax.apply_updates(expected, updates)
-    assert_trees_close(got, expected, rtol=1e-5, atol=1e-7)
+    xs, ys = mlp_data(2)
+    tx = optlab.sam(optax.sgd(LR), 0.1, adaptive=adaptive)
+    for wrapped in (
+        optax.MultiSteps(tx, every_k_schedule=2),
+        optax.MultiSteps(optax.chain(optax.clip_by_global_norm(1.0), tx), 2),
+        optax.MultiSteps(optax.inject_hyperparams(optlab.sam)(optax.sgd(LR), rho=0.1), 2),
+    ):
+        with pytest.raises(ValueError, match=r"MultiSteps.*microbatched_grad_fn.*MultiSteps\(base"):
+            run(wrapped, params, xs, ys)
+
+
+def _reference_sam_per_micro_batch(params0, xs, ys, rho, k):
+    """Float64 loop: every k micro-batches one heavy-ball step on the mean of the k SAM
+    gradients, each micro-batch perturbed from its own gradient at the fixed params."""
+    grad = flat_grad_fn(params0)
+    w, m = flat(params0), 0.0
+    for start in range(0, len(xs), k):
+        h = 0.0
+        for i in range(start, start + k):
+            g = grad(w, xs[i], ys[i])
+            h = h + grad(w + rho * g / np.linalg.norm(g), xs[i], ys[i]) / k
+        m = MOMENTUM * m + h
+        w = w - LR * m
+    return w
+
+
+@pytest.mark.parametrize("rho", [0.0, 0.1])
+def test_multi_steps_inside_sam_matches_an_independent_accumulation_loop(rho):
+    params = mlp_params()
+    xs, ys = mlp_data(6)
+    tx = optlab.sam(optax.MultiSteps(optax.sgd(LR, momentum=MOMENTUM), every_k_schedule=2), rho)
+    got, state, path = run(tx, params, xs, ys)
+    assert int(state.count) == 6  # one SAM gradient per micro-batch
+    assert_trees_equal(path[0], params)  # nothing moves before the k-th micro-batch
+    with enable_x64():
+        want = _reference_sam_per_micro_batch(params, xs, ys, rho, 2)
+    np.testing.assert_allclose(flat(got), want, rtol=1e-5, atol=1e-6)
+    if rho == 0.0:  # rho = 0 SAM is the base optimizer: plain gradient accumulation
+        plain, _, _ = run(optax.MultiSteps(optax.sgd(LR, momentum=MOMENTUM), 2), params, xs, ys)
+        assert_trees_close(got, plain, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_microbatched_grad_fn_gives_sam_on_the_whole_batch(adaptive):
+    # One update per batch of 16 examples, each gradient computed over 4 micro-batches of 4:
+    # exactly SAM/ASAM on the whole batch (the reference differentiates the whole batch).
+    params = mlp_params()
+    xs, ys = mlp_data(STEPS)
+    tx = optlab.sam(optax.sgd(LR, momentum=MOMENTUM), 0.3, adaptive=adaptive)
+
+    @jax.jit
+    def step(params, state, x, y):
+        gfn = microbatched_grad_fn(lambda p, b: mlp_grad(p, *b), (x, y), 4)
+        updates, state = tx.update(gfn(params), state, params, grad_fn=gfn)
+        return optax.apply_updates(params, updates), state
+
+    got, state = params, tx.init(params)
+    for t in range(STEPS):
+        got, state = step(got, state, xs[t], ys[t])
+    with enable_x64():
+        mask = jax.tree.map(lambda _: True, params)
+        want = _reference_sam(params, xs, ys, 0.3, adaptive=(0.01, mask) if adaptive else None)
+    np.testing.assert_allclose(flat(got), want, rtol=1e-5, atol=1e-6)
 
 
 def test_inject_hyperparams_traced_rho_without_static_args():
@@ -343,6 +522,21 @@ def test_no_recompilation_on_the_second_update():
     check_no_retrace(
         optlab.sam(optax.adam(1e-2), optax.cosine_decay_schedule(0.1, 10), adaptive=True)
     )
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: optlab.sam(optax.sgd(LR, momentum=MOMENTUM), 0.1),
+        lambda: optlab.sam(optax.adam(1e-2), 0.5, adaptive=True),
+        lambda: optax.chain(optax.clip_by_global_norm(1.0), optlab.sam(optax.sgd(LR), 0.1)),
+        lambda: optax.inject_hyperparams(optlab.sam)(optax.sgd(LR), rho=0.1, adaptive=True),
+        lambda: optlab.sam(optax.MultiSteps(optax.sgd(LR, momentum=MOMENTUM), 2), 0.1),
+    ],
+    ids=["sam", "asam", "chain", "inject", "multi_steps_inside"],
+)
+def test_jitted_step_donating_params_and_state(make):
+    check_donating_step(make(), steps=4)
 
 
 def test_through_flax_nnx_optimizer():

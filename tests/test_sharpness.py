@@ -199,3 +199,21 @@ def test_bad_counts_raise_naming_the_argument(fn, name, bad):
 
     with pytest.raises(ValueError, match=f"{name} must be an integer >= 1"):
         getattr(optlab, fn)(loss, jnp.ones(2), None, key=jax.random.key(0), **{name: bad})
+
+
+@pytest.mark.usefixtures("x64")
+def test_typed_and_raw_keys_give_the_same_estimates(rng):
+    """``jax.random.key(s)`` and the raw ``jax.random.PRNGKey(s)`` (uint32[2]) are the same key."""
+    loss, params, batch, *_ = _quadratic(np.array([5.0, 2.0, 1.0, 0.5, -1.0, 0.1]), rng)
+    measure = jax.jit(
+        lambda p, b, k: (
+            optlab.hessian_top_eigenvalue(loss, p, b, key=k, iters=5),
+            optlab.hessian_trace(loss, p, b, key=k, num_samples=3),
+        )
+    )
+    typed = measure(params, batch, jax.random.key(3))
+    raw = measure(params, batch, jax.random.PRNGKey(3))
+    assert jax.random.PRNGKey(3).dtype == jnp.uint32
+    np.testing.assert_array_equal(np.asarray(raw), np.asarray(typed))
+    eager = optlab.hessian_trace(loss, params, batch, key=jax.random.PRNGKey(3), num_samples=3)
+    np.testing.assert_allclose(eager, typed[1], rtol=1e-12)
