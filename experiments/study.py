@@ -188,6 +188,7 @@ class TaskData:
     y_val: np.ndarray
     partitions: tuple[np.ndarray, ...]
     steps: int
+    batch_size: int  # resolved: ``task.batch_size``, or the whole training split for 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,6 +199,7 @@ class TxContext:
     steps: int
     axis_name: Any  # the worker axis (None: replicated); pass it on, do not hard-code it
     num_classes: int
+    batch_size: int = 0  # resolved (``task.batch_size``, or the training split for 0)
 
 
 TxFactory = Callable[[Mapping[str, Any], TxContext], optax.GradientTransformation]
@@ -346,7 +348,10 @@ def _validate_study(study: Study) -> None:
             raise ValueError(
                 f"{where}: set steps >= 1 or epochs >= 1, got steps={t.steps}, epochs={t.epochs}."
             )
-        for field in ("batch_size", "log_every"):
+        if t.batch_size < 0 or (t.batch_size == 0 and t.workers):
+            raise ValueError(f"{where}.batch_size must be >= 1 (0: the whole training split, "
+                             f"without workers), got {t.batch_size}.")  # fmt: skip
+        for field in ("log_every",):
             if getattr(t, field) < 1:
                 raise ValueError(f"{where}.{field} must be >= 1, got {getattr(t, field)}.")
         for field in ("eval_every", "checkpoint_every"):
@@ -438,9 +443,10 @@ def describe(study: Study) -> str:
     lines = [f"study {study.name}: {num_runs(study)} runs ({len(study.seeds)} seeds each)"]
     for t in study.tasks:
         budget = f"{t.epochs} epochs" if t.epochs else f"{t.steps} steps"
+        batch = t.batch_size or "all"
         workers = f", {t.workers} workers ({t.partition})" if t.workers else ""
         lines.append(
-            f"  task {t.name}: {t.dataset} / {t.model}, {budget} of batch {t.batch_size}"
+            f"  task {t.name}: {t.dataset} / {t.model}, {budget} of batch {batch}"
             f"{workers}, validation {t.validation_fraction:g}"
         )
     for m in study.methods:
@@ -467,7 +473,8 @@ def _load(task: Task, devices: int, cache: dict) -> TaskData:
     val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
     dataset = full._replace(x_train=full.x_train[train], y_train=full.y_train[train])
     partitions: tuple[np.ndarray, ...] = ()
-    per_step = task.batch_size
+    batch_size = task.batch_size or len(train)  # 0: full batch
+    per_step = batch_size
     if task.workers:
         rng = np.random.default_rng([task.data_seed, 0xC11E])
         labels = dataset.y_train
@@ -485,20 +492,21 @@ def _load(task: Task, devices: int, cache: dict) -> TaskData:
                 f"tasks.{task.name}.batch_size ({task.batch_size}) exceeds the smallest worker "
                 f"partition ({smallest} examples)."
             )
-    elif not 1 <= task.batch_size <= len(train):
+    elif not 1 <= batch_size <= len(train):
         raise ConfigError(
-            f"tasks.{task.name}.batch_size must be in [1, {len(train)}] (the training split), "
-            f"got {task.batch_size}."
+            f"tasks.{task.name}.batch_size must be in [1, {len(train)}] (the training split; "
+            f"0 for all of it), got {task.batch_size}."
         )
-    if not task.workers and task.batch_size % devices:
+    if not task.workers and batch_size % devices:
         raise ConfigError(
-            f"tasks.{task.name}.batch_size ({task.batch_size}) must be divisible by "
+            f"tasks.{task.name}.batch_size ({batch_size}) must be divisible by "
             f"devices ({devices})."
         )
     steps = task.steps
     if task.epochs:
         steps = task.epochs * max(len(train) // per_step, 1)
-    return TaskData(task, dataset, full.x_train[val], full.y_train[val], partitions, steps)
+    return TaskData(task, dataset, full.x_train[val], full.y_train[val], partitions, steps,
+                    batch_size)  # fmt: skip
 
 
 def _l2_loss(loss_fn: LossFn, l2: float) -> LossFn:
@@ -660,7 +668,8 @@ def _run_task(
             spec = {**method.spec, **static}
 
             def make_tx(hp, axis_name, spec=spec):
-                ctx = TxContext(task, data.steps, axis_name, data.dataset.num_classes)
+                ctx = TxContext(task, data.steps, axis_name, data.dataset.num_classes,
+                                data.batch_size)  # fmt: skip
                 return study.make_tx({**spec, **hp}, ctx)
 
             plan = (
@@ -669,7 +678,7 @@ def _run_task(
                 else (
                     WorkerPlan(data.partitions, task.batch_size)
                     if task.workers
-                    else EpochPlan(len(data.dataset.x_train), task.batch_size)
+                    else EpochPlan(len(data.dataset.x_train), data.batch_size)
                 )
             )
             tags = [
@@ -986,7 +995,7 @@ def _markdown(study: Study, results: Mapping[str, Any], diverged: Sequence[Recor
         lines += [
             f"## Task `{task.name}`",
             "",
-            f"`{task.dataset}` / `{task.model}`: {d.steps} steps of batch {task.batch_size}"
+            f"`{task.dataset}` / `{task.model}`: {d.steps} steps of batch {d.batch_size}"
             + (f" per worker, {task.workers} workers ({task.partition})" if task.workers else "")
             + f"; {len(d.dataset.x_train)} training, {len(d.x_val)} validation, "
             f"{len(d.dataset.x_test)} test examples"

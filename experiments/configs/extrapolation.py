@@ -1,27 +1,23 @@
 """Config of the `extrapolation` experiment: a batch-size sweep, SGD vs EXTRAP-SGD and variants.
 
-Command:  python -m experiments run extrapolation [--variant quick|full] [--config.key=value ...]
-Runtime:  quick: 46 s measured on a 2-core CPU shared with other jobs (load average about 2):
-          MLP on digits, batch sizes 32, 128, 512 and 1437 (the whole training set), 5
-          methods x 3 seeds x 30 epochs each.
+Command:  python -m experiments run extrapolation [--variant smoke|quick|full] [--config.key=value ...]
+Runtime:  smoke: seconds (tests). quick: MEASURED on a 2-core CPU: MLP on digits, batch
+          sizes 32, 128, 512 and the whole training split, 5 seeds x EPOCHS each, momentum
+          SGD with linear scaling, 5 warm-up epochs and cosine decay; gamma_ratio (and the
+          noise scale) tuned on validation per batch size, trained vectorized with the seeds.
           full: ResNet-20 on CIFAR-10 (TFDS or raw files in --config.data_dir), batch sizes
-          128..8192, 5 methods x 3 seeds x 300 epochs; about a day on one GPU.
+          128..8192, 300 epochs, 3 seeds; about a day on one GPU.
 Claim:    Lin, Kong, Stich, Jaggi, "Extrapolation for Large-batch Training in Deep
           Learning", ICML 2020 (arXiv:2006.05720): with linear learning-rate scaling and
           warm-up, mini-batch SGD loses accuracy as the batch grows at a fixed number of
           epochs; extrapolating (EXTRAP-SGD: the gradient at x - gamma g) keeps more of it.
 
-Every method trains for the same number of epochs at every batch size b of
-``batch_sizes`` (0 stands for the whole training set): ``epochs * (n // b)`` steps (n =
-training examples; an epoch's last incomplete batch is dropped). Its learning rate is
-``learning_rate * b / base_batch_size`` (linear scaling rule, Goyal et al. 2017) with a
-linear warm-up over ``warmup_epochs``, then ``schedule``: ``"warmup_cosine"`` (cosine decay
-to 0) or ``"warmup_step"`` (x0.1 at each fraction in ``decay_fractions`` of
-training). Extrapolation methods (``transform: "extrapolation"``) use
-``gamma_t = gamma_ratio * lr_t`` (tied to the schedule, warm-up included) with ``direction``
-``"gradient"`` (EXTRAP-SGD), ``"past"`` (extrapolation from the past, no extra gradient) or
-``"noise"`` (Gaussian noise; ``gamma_ratio`` scales N(0, I) per coordinate, so it is much
-smaller); extrapolation stops after ``extrapolation_stop_epoch`` epochs (0: never).
+Tasks are the batch sizes (``tasks.<name>.batch_size``, 0 for the whole training split),
+each trained for the same ``epochs``. Methods: an SGD base (``optimizer``, ``learning_rate``
+per ``base_batch_size`` examples, ``schedule`` ``"warmup_cosine"`` or ``"warmup_step"`` with
+``decay_fractions``, ``warmup_epochs``) and ``transform`` ``"none"`` or ``"extrapolation"``
+with ``direction`` (``"gradient"``, ``"past"``, ``"noise"``) and ``gamma_ratio`` (an axis,
+tuned); ``stop_epoch`` ends extrapolation (0: never).
 """
 
 from __future__ import annotations
@@ -30,86 +26,71 @@ from typing import Any
 
 import ml_collections
 
+from experiments.study import study_config
 
-def _methods(base: dict[str, Any], *, noise_ratio: float) -> dict[str, dict[str, Any]]:
-    # gamma = 0.1 lr: with heavy-ball momentum beta = 0.9 and the sharpness at the edge of
-    # stability, lambda ~ 2 (1 + beta) / lr, the look-ahead x - gamma g stays on the stable
-    # side (gamma lambda < 1) only for gamma_ratio < 1 / (2 (1 + beta)) ~ 0.26. The literal
-    # tie gamma = lr (ratio 1) is run as well, to show what happens outside that range.
-    extrap = {**base, "transform": "extrapolation", "gamma_ratio": 0.1}
+
+def _methods(base: dict[str, Any], noise: tuple[float, ...]) -> dict[str, dict[str, Any]]:
+    # gamma = c lr: with heavy-ball momentum 0.9 at the edge of stability the look-ahead
+    # x - gamma g stays stable only for c < 1 / (2 (1 + beta)) ~ 0.26; the literal tie
+    # gamma = lr (c = 1) is in the grid to show what happens outside that range.
+    extrap = {**base, "transform": "extrapolation", "tune": ("gamma_ratio",)}
     return {
         "sgd": {**base, "transform": "none"},
-        "extrap_sgd": {**extrap, "direction": "gradient"},
-        "extrap_sgd_c1": {**extrap, "direction": "gradient", "gamma_ratio": 1.0},
-        "extrap_past": {**extrap, "direction": "past"},
-        # ||N(0, I)|| = sqrt(d) (about 160 for the 26k-parameter MLP): a ratio of 1/200 makes
-        # the noise step about as long as a gradient step of norm ~1.
-        "extrap_noise": {**extrap, "direction": "noise", "gamma_ratio": noise_ratio},
-    }
+        "extrap_sgd": {**extrap, "direction": "gradient", "gamma_ratio": 0.1,
+                       "axes": {"gamma_ratio": (0.03, 0.1, 0.3, 1.0)}},
+        "extrap_past": {**extrap, "direction": "past", "gamma_ratio": 0.1,
+                        "axes": {"gamma_ratio": (0.03, 0.1, 0.3)}},
+        # ||N(0, I)|| = sqrt(d): a ratio of ~1/200 makes a noise step about as long as a
+        # gradient step of norm ~1 for the 26k-parameter MLP.
+        "extrap_noise": {**extrap, "direction": "noise", "gamma_ratio": noise[1],
+                         "axes": {"gamma_ratio": noise}},
+    }  # fmt: skip
+
+
+def _claims(small: str, large: str) -> dict[str, Any]:
+    claims: dict[str, Any] = {}
+    for m in ("extrap_sgd", "extrap_past", "extrap_noise"):
+        claims[f"{m}_large"] = {"method": m, "baseline": "sgd", "tasks": (large,)}
+        claims[f"{m}_drop"] = {"method": m, "baseline": "sgd", "over": "task",
+                               "aggregate": "drop", "tasks": (small, large)}  # fmt: skip
+    return claims
 
 
 def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
-    if variant == "quick":
-        base = {"optimizer": "momentum", "learning_rate": 0.01, "momentum": 0.9}
-        return ml_collections.ConfigDict(
-            {
-                "dataset": "digits",
-                "data_dir": "",
-                "data_seed": 0,
-                "model": "mlp",
-                "seeds": (0, 1, 2),
-                "epochs": 30,
-                "batch_sizes": (32, 128, 512, 0),  # 0: the whole training set (1437 for digits)
-                "base_batch_size": 32,
-                "warmup_epochs": 5,
-                "schedule": "warmup_cosine",
-                "decay_fractions": (0.5, 0.75),
-                "extrapolation_stop_epoch": 0,
-                "log_points": 10,
-                "method_names": (
-                    "sgd",
-                    "extrap_sgd",
-                    "extrap_sgd_c1",
-                    "extrap_past",
-                    "extrap_noise",
-                ),
-                "methods": _methods(base, noise_ratio=0.005),
-            }
-        )
+    if variant in ("smoke", "quick"):
+        smoke = variant == "smoke"
+        base = {"optimizer": "momentum", "learning_rate": 0.01, "momentum": 0.9,
+                "base_batch_size": 32, "warmup_epochs": 0 if smoke else 5,
+                "schedule": "warmup_cosine"}  # fmt: skip
+        epochs = 1 if smoke else 60
+        sizes = {"b32": 32, "b128": 128, "b512": 512, "full": 0}
+        if smoke:
+            sizes = {"b32": 32, "full": 0}
+        return study_config(
+            seeds=(0, 1) if smoke else (0, 1, 2, 3, 4),
+            log_every=1 if smoke else 10,
+            tasks={k: {"dataset": "digits", "batch_size": b, "epochs": epochs} for k, b in sizes.items()},
+            method_names=("sgd", "extrap_sgd", "extrap_past", "extrap_noise"),
+            methods=_methods(base, noise=(0.002, 0.005, 0.01)),
+            claims=_claims("b32", "full"),
+        )  # fmt: skip
     if variant == "full":
-        # Lin et al. 2020, CIFAR-10 ResNet-20: momentum SGD (Nesterov), lr 0.1 per 128
-        # examples scaled linearly, 5-epoch warm-up, 300 epochs, x0.1 at 50% and 75%,
+        # Lin et al. 2020, CIFAR-10 ResNet-20: Nesterov momentum SGD, lr 0.1 per 128
+        # examples scaled linearly, 5-epoch warm-up, 300 epochs, x0.1 at 50 % and 75 %,
         # weight decay 1e-4; extrapolation matters before the first decay, where it stops.
         # No data augmentation in this harness (the paper uses crop+flip).
-        base = {
-            "optimizer": "nesterov",
-            "learning_rate": 0.1,
-            "momentum": 0.9,
-            "weight_decay": 1e-4,
-        }
-        return ml_collections.ConfigDict(
-            {
-                "dataset": "cifar10",
-                "data_dir": "",
-                "data_seed": 0,
-                "model": "resnet20",
-                "seeds": (0, 1, 2),
-                "epochs": 300,
-                "batch_sizes": (128, 1024, 4096, 8192),
-                "base_batch_size": 128,
-                "warmup_epochs": 5,
-                "schedule": "warmup_step",
-                "decay_fractions": (0.5, 0.75),
-                "extrapolation_stop_epoch": 150,
-                "log_points": 100,
-                "method_names": (
-                    "sgd",
-                    "extrap_sgd",
-                    "extrap_sgd_c1",
-                    "extrap_past",
-                    "extrap_noise",
-                ),
-                "methods": _methods(base, noise_ratio=0.002),  # sqrt(d) ~ 520
-            }
-        )
-    raise ValueError(f"variant must be 'quick' or 'full', got {variant!r}.")
+        base = {"optimizer": "nesterov", "learning_rate": 0.1, "momentum": 0.9,
+                "weight_decay": 1e-4, "base_batch_size": 128, "warmup_epochs": 5,
+                "schedule": "warmup_step", "decay_fractions": (0.5, 0.75), "stop_epoch": 150}  # fmt: skip
+        sizes = {"b128": 128, "b1024": 1024, "b4096": 4096, "b8192": 8192}
+        return study_config(
+            seeds=(0, 1, 2),
+            model="resnet20",
+            validation_fraction=0.1,
+            log_every=10,
+            tasks={k: {"dataset": "cifar10", "batch_size": b, "epochs": 300} for k, b in sizes.items()},
+            method_names=("sgd", "extrap_sgd", "extrap_past", "extrap_noise"),
+            methods=_methods(base, noise=(0.001, 0.002, 0.005)),  # sqrt(d) ~ 520
+            claims=_claims("b128", "b8192"),
+        )  # fmt: skip
+    raise ValueError(f"variant must be 'smoke', 'quick' or 'full', got {variant!r}.")
