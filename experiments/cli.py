@@ -139,6 +139,9 @@ def apply_overrides(config: Any, overrides: Sequence[str]) -> list[str]:
     return keys
 
 
+BUDGET_KEYS = ("steps", "epochs")
+
+
 def check_task_overrides(config: Any, changed: Sequence[str]) -> None:
     """Refuses top-level overrides that a task of ``config.tasks`` shadows with its own value.
 
@@ -153,19 +156,32 @@ def check_task_overrides(config: Any, changed: Sequence[str]) -> None:
         return
     given = set(changed)
     for key in changed:
-        if key.split(".")[0] == "tasks":
+        parts = key.split(".")
+        if parts[0] == "tasks":
+            # A task's epochs win over its steps: setting only the steps would be ignored.
+            if len(parts) == 3 and parts[2] == "steps" and parts[1] in tasks:
+                epochs = tasks[parts[1]].get("epochs")
+                if epochs and f"tasks.{parts[1]}.epochs" not in given:
+                    raise UsageError(
+                        f"--config.{key}: task {parts[1]} trains for epochs={epochs}, which "
+                        f"win over steps; add --config.tasks.{parts[1]}.epochs=0"
+                    )
             continue
-        shadowing = [
-            name
+        # A task's budget is its steps or its epochs: either one shadows both defaults.
+        fields = BUDGET_KEYS if key in BUDGET_KEYS else (key,)
+        shadowing = {
+            name: field
             for name, task in tasks.items()
-            if _sets(task, key) and f"tasks.{name}.{key}" not in given
-        ]
+            for field in fields
+            if _sets(task, field) and f"tasks.{name}.{field}" not in given
+        }
         if shadowing:
-            instead = ", ".join(f"--config.tasks.{name}.{key}" for name in shadowing)
+            instead = ", ".join(f"--config.tasks.{name}.{f}" for name, f in shadowing.items())
             which = "task" if len(shadowing) == 1 else "tasks"
             raise UsageError(
                 f"--config.{key} is only a default, and {which} {', '.join(shadowing)} "
-                f"set{'s' if len(shadowing) == 1 else ''} {key} itself; set {instead} instead"
+                f"set{'s' if len(shadowing) == 1 else ''} {'/'.join(fields)} itself; set "
+                f"{instead} instead"
             )
 
 
@@ -178,7 +194,7 @@ def _sets(task: Any, key: str) -> bool:
         if part not in node:
             return False
         node = node[part]
-    return True
+    return node is not None  # None: the task takes the top-level default
 
 
 def _config_hash(config_dict: dict) -> str:

@@ -100,8 +100,8 @@ class Task:
       name: the task's label (a workdir folder).
       dataset, model: names from :data:`experiments.data.DATASET_NAMES` and
         :func:`experiments.models.model_names`.
-      steps / epochs: the budget; ``epochs > 0`` wins and counts full passes over the
-        training split (``epochs * (n_train // (batch_size * max(workers, 1)))`` steps).
+      steps / epochs: the budget; ``epochs > 0`` wins (unless the task sets only its
+        own ``steps``) and counts full passes over the training split (``epochs * (n_train // (batch_size * max(workers, 1)))`` steps).
       batch_size: examples per step (per worker in worker mode).
       validation_fraction: held out of the training set for selection (0: none).
       workers: 0 (one model per run) or W > 0 worker-local copies with partitions.
@@ -268,6 +268,13 @@ def study_config(**fields: Any) -> ml_collections.ConfigDict:
         }
     )
     config.update(fields)
+    with config.unlocked():
+        for name in list(config.tasks):
+            # Every task field is present (None: the top-level default), so that any of
+            # them can be overridden per task: --config.tasks.digits.steps=20.
+            entry = {k: None for k in TASK_FIELDS if k != "dataset"}
+            entry.update(config.tasks[name].to_dict())
+            config.tasks[name] = ml_collections.ConfigDict(entry)
     return config
 
 
@@ -282,7 +289,9 @@ def tasks_from_config(config: ml_collections.ConfigDict) -> tuple[Task, ...]:
                 f"tasks.{name}: unknown fields {unknown}; allowed: {list(TASK_FIELDS)}."
             )
         fields = {k: config[k] for k in TASK_FIELDS if k in config and k != "dataset"}
-        fields.update(entry)
+        fields.update({k: v for k, v in entry.items() if v is not None})
+        if "steps" in entry and entry["steps"] is not None and entry.get("epochs") is None:
+            fields["epochs"] = 0  # a task that sets only its steps: steps, not the default epochs
         fields.setdefault("dataset", name)
         tasks.append(Task(name=name, **fields))
     return tuple(tasks)
@@ -341,9 +350,9 @@ def _validate_study(study: Study) -> None:
     for t in study.tasks:
         where = f"tasks.{t.name}"
         if t.dataset not in DATASET_NAMES:
-            raise ValueError(f"{where}.dataset: {t.dataset!r} is not one of {DATASET_NAMES}.")
+            raise ValueError(f"{where}.dataset must be one of {DATASET_NAMES}, got {t.dataset!r}.")
         if t.model not in model_names():
-            raise ValueError(f"{where}.model: {t.model!r} is not one of {model_names()}.")
+            raise ValueError(f"{where}.model must be one of {model_names()}, got {t.model!r}.")
         if t.steps < 0 or t.epochs < 0 or (t.steps == 0 and t.epochs == 0):
             raise ValueError(
                 f"{where}: set steps >= 1 or epochs >= 1, got steps={t.steps}, epochs={t.epochs}."

@@ -27,7 +27,8 @@ REPO = Path(__file__).resolve().parents[1]
 _USE_COMPILATION_CACHE = cli.use_compilation_cache  # the fixture below stubs it in-process
 SMALL = [
     "--config.seeds=0",
-    "--config.steps=20",
+    "--config.tasks.digits.epochs=0",
+    "--config.tasks.digits.steps=20",
     "--config.log_every=5",
     "--config.eval_every=10",
     "--config.checkpoint_every=10",
@@ -131,7 +132,9 @@ def fake(monkeypatch):
             "--config.steps: expected a value of type int",
         ),
         (["run", "baselines", "--config.steps=1.5"], "expected a value of type int"),
-        (["run", "baselines", "--config.steps=0"], "steps must be >= 1, got 0"),
+        (["run", "baselines", "--config.tasks.digits.epochs=0"], "set steps >= 1 or epochs >= 1"),
+        (["run", "baselines", "--config.steps=5"], "set --config.tasks.digits.epochs instead"),
+        (["run", "baselines", "--config.tasks.digits.steps=5"], "add --config.tasks.digits.epochs=0"),
         (
             ["run", "baselines", "--config.methods.sgd.learning_rate=-1"],
             "methods.sgd.learning_rate must be > 0",
@@ -139,7 +142,7 @@ def fake(monkeypatch):
         (["run", "baselines", "--config.model=vgg"], "model must be one of"),
         (["run", "baselines", "--config.method_names=sgd,lion"], "'lion' is not in methods"),
         (["run", "baselines", "--config.methods=1"], "is a group"),
-        (["run", "baselines", "--config.batch_size=100000"], "batch_size must be in [1, 1437]"),
+        (["run", "baselines", "--config.batch_size=100000"], "batch_size must be in [1, 1221] (the training split"),
         (["run", "baselines", "--variant", "huge"], "unknown variant 'huge' of baselines"),
         (["run", "baselines", "--devices", "0"], "--devices must be >= 1"),
         (["run", "baselines", "--devices", "64"], "only 8 devices are visible"),
@@ -156,7 +159,7 @@ def test_missing_dataset_explains_how_to_get_it(capsys, tmp_path):
     argv = [
         "run",
         "baselines",
-        "--config.dataset=cifar10",
+        "--config.tasks.digits.dataset=cifar10",
         f"--config.data_dir={tmp_path / 'd'}",
         "--workdir",
         str(workdir),
@@ -173,7 +176,7 @@ def test_missing_dataset_explains_how_to_get_it(capsys, tmp_path):
 def test_list_shows_name_variants_runtime_and_claim(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("baselines  (variants: quick, full)")
+    assert out.startswith("baselines  (variants: smoke, quick, full)")
     flat = " ".join(out.split())
     for experiment in EXPERIMENTS.values():
         assert f"{experiment.name} (variants: {', '.join(experiment.variants)})" in flat
@@ -244,14 +247,17 @@ def test_dry_run_without_plan_prints_only_the_config(capsys, tmp_path, fake):
 
 def test_dry_run_of_a_real_experiment(capsys, tmp_path):
     workdir = tmp_path / "w"
-    assert (
-        main(["run", "baselines", "--dry-run", "--config.steps=7", "--workdir", str(workdir)]) == 0
-    )
+    argv = ["run", "baselines", "--dry-run", "--config.tasks.digits.epochs=7"]
+    assert main([*argv, "--workdir", str(workdir)]) == 0
     out = capsys.readouterr().out
-    assert json.loads(out[: out.rindex("}") + 1])["steps"] == 7
+    assert json.loads(out[: out.rindex("}") + 1])["tasks"]["digits"]["epochs"] == 7
+    assert "task digits: digits / mlp, 7 epochs of batch 64" in out
+    assert "study baselines: 15 runs (5 seeds each)" in out
     assert not workdir.exists()
     _one_line_error(
-        capsys, ["run", "baselines", "--dry-run", "--config.steps=0"], "steps must be >= 1"
+        capsys,
+        ["run", "baselines", "--dry-run", "--config.tasks.digits.epochs=0"],
+        "set steps >= 1 or epochs >= 1",
     )
 
 
@@ -365,7 +371,7 @@ def test_overriding_a_key_a_task_sets_itself_names_the_key_to_set(capsys, tmp_pa
     _one_line_error(
         capsys,
         ["run", "fake", "--config.steps=3", "--workdir", workdir],
-        "--config.steps is only a default, and task a sets steps itself; "
+        "--config.steps is only a default, and task a sets steps/epochs itself; "
         "set --config.tasks.a.steps instead",
     )
     _one_line_error(
@@ -435,18 +441,22 @@ def test_smallest_baselines_run_writes_all_outputs(capsys, tmp_path):
     out = capsys.readouterr().out
     assert "| sgd |" in out
     assert "| adam |" in out
-    for name in ("config.json", "metrics.jsonl", "results.json", "results.md", "curves.png"):
+    for name in ("config.json", "digits/metrics.jsonl", "results.json", "results.md",
+                 "curves_digits.png"):  # fmt: skip
         assert (workdir / name).stat().st_size > 0, name
     results = json.loads((workdir / "results.json").read_text())
     assert {(r["method"], r["seed"]) for r in results["runs"]} == {
         (m, s) for m in ("sgd", "momentum", "adam") for s in (0, 1)
     }
-    assert results["summary"]["adam"]["test_accuracy"]["n"] == 2
+    adam = next(s for s in results["summaries"] if s["method"] == "adam")
+    assert adam["test_accuracy"]["n"] == 2
     assert len(results["verdicts"]) == 2
+    assert {v["outcome"] for v in results["verdicts"]} <= {"held", "inconclusive", "did not hold"}
+    assert results["provenance"]["versions"]["jax"]
     record = json.loads((workdir / "config.json").read_text())
-    assert record["config"]["steps"] == 20
+    assert record["config"]["tasks"]["digits"]["steps"] == 20
     assert record["provenance"]["versions"]["jax"]
-    assert (workdir / "curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert (workdir / "curves_digits.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_no_traceback_from_the_real_entry_point():
@@ -482,7 +492,8 @@ def test_real_entry_point_caches_compilations_and_prints_no_bars(tmp_path):
             str(workdir),
             "--config.method_names=sgd",
             "--config.seeds=0",
-            "--config.steps=4",
+            "--config.tasks.digits.epochs=0",
+            "--config.tasks.digits.steps=4",
             "--config.log_every=2",
             "--config.eval_every=0",
             "--config.checkpoint_every=2",
@@ -504,14 +515,14 @@ def test_real_entry_point_caches_compilations_and_prints_no_bars(tmp_path):
 
 
 def _final_params(workdir: Path, steps: int) -> list[np.ndarray]:
-    path = workdir / "runs" / "sgd" / "seed0" / "checkpoints" / str(steps) / "default"
+    path = workdir / "digits" / "sgd" / "default" / "checkpoints" / str(steps) / "default"
     tree = ocp.StandardCheckpointer().restore(path)
     return [np.asarray(x) for x in __import__("jax").tree.leaves(tree)]
 
 
 @pytest.mark.slow
 def test_sigkill_mid_training_then_resume_is_bitwise_equal(tmp_path):
-    steps = 3000
+    steps = 20_000  # long enough to be killed mid-training (1 run: ~0.1 ms a step)
     args = [
         sys.executable,
         "-m",
@@ -521,7 +532,8 @@ def test_sigkill_mid_training_then_resume_is_bitwise_equal(tmp_path):
         "--no-progress",
         "--config.method_names=sgd",
         "--config.seeds=0",
-        f"--config.steps={steps}",
+        "--config.tasks.digits.epochs=0",
+        f"--config.tasks.digits.steps={steps}",
         "--config.log_every=10",
         "--config.eval_every=0",
         "--config.checkpoint_every=50",
@@ -529,7 +541,7 @@ def test_sigkill_mid_training_then_resume_is_bitwise_equal(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
 
     killed = tmp_path / "killed"
-    ckpt_dir = killed / "runs" / "sgd" / "seed0" / "checkpoints"
+    ckpt_dir = killed / "digits" / "sgd" / "default" / "checkpoints"
     proc = subprocess.Popen(
         [*args, "--workdir", str(killed)],
         cwd=REPO,
@@ -578,6 +590,7 @@ def test_sigkill_mid_training_then_resume_is_bitwise_equal(tmp_path):
     assert ra["test_accuracy"] == rb["test_accuracy"]
     assert ra["train_loss"] == rb["train_loss"]
     steps_logged = [
-        json.loads(line)["step"] for line in (killed / "metrics.jsonl").read_text().splitlines()
+        json.loads(line)["step"]
+        for line in (killed / "digits" / "metrics.jsonl").read_text().splitlines()
     ]
     assert steps_logged == [*range(10, steps + 1, 10), steps]  # no gaps, no duplicates
