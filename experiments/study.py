@@ -262,6 +262,7 @@ def study_config(**fields: Any) -> ml_collections.ConfigDict:
             "eval_every": 0,
             "checkpoint_every": 0,
             "tasks": {},
+            "task_names": (),  # the tasks to run (empty: all of them)
             "method_names": (),
             "methods": {},
             "claims": {},
@@ -279,10 +280,15 @@ def study_config(**fields: Any) -> ml_collections.ConfigDict:
 
 
 def tasks_from_config(config: ml_collections.ConfigDict) -> tuple[Task, ...]:
-    """The :class:`Task` of every ``config.tasks`` entry (shared defaults filled in)."""
+    """The :class:`Task` of every entry of ``config.tasks`` named in ``config.task_names``
+    (all when empty), in that order, with the shared defaults filled in."""
+    names = tuple(config.get("task_names", ())) or tuple(config.tasks)
+    for name in names:
+        if name not in config.tasks:
+            raise ValueError(f"task_names: {name!r} is not in tasks (known: {sorted(config.tasks)}).")
     tasks = []
-    for name, entry in config.tasks.items():
-        entry = dict(entry)
+    for name in names:
+        entry = dict(config.tasks[name])
         unknown = sorted(set(entry) - set(TASK_FIELDS))
         if unknown:
             raise ValueError(

@@ -85,7 +85,8 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
                 "digits": {"dataset": "digits", "model": "mlp", "epochs": 1 if smoke else 60},
                 "mnist1d": {"dataset": "mnist1d", "model": "cnn", "epochs": 1 if smoke else 30},
             },
-            method_names=tuple(methods),
+            task_names=("digits",) if smoke else (),
+            method_names=("sgd", "sam", "sgd_plain", "sa_sam") if smoke else tuple(methods),
             methods=methods,
             claims=_claims(),
         )

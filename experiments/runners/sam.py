@@ -28,6 +28,7 @@ import optax
 import optlab
 from experiments import study as st
 from experiments.optimizers import make_optimizer, validate_spec
+from experiments.models import make_model
 from experiments.registry import get_experiment
 
 NAME = "sam"
@@ -76,19 +77,23 @@ def sharpness_metrics(config: ml_collections.ConfigDict):
 
     def final_metrics(data: st.TaskData, method, spec, params, model_state):
         del method, spec
-        model = final_metrics.models.setdefault(
-            data.task.name, _sharpness_fn(data, sharp.num_examples, sharp.iters,
-                                          sharp.trace_samples))  # fmt: skip
-        return jax.device_get(model(params, model_state))
+        if data.task.name not in final_metrics.models:
+            model = make_model(data.task.model, num_classes=data.dataset.num_classes)
+            final_metrics.models[data.task.name] = sharpness_fn(
+                data, model, sharp.num_examples, sharp.iters, sharp.trace_samples
+            )
+        return jax.device_get(final_metrics.models[data.task.name](params, model_state))
 
     final_metrics.models = {}  # type: ignore[attr-defined]
     return final_metrics
 
 
-def _sharpness_fn(data: st.TaskData, num_examples: int, iters: int, trace_samples: int):
-    from experiments.models import make_model
+def sharpness_fn(data: st.TaskData, model: Any, num_examples: int, iters: int, trace_samples: int):
+    """``fn(params [R], model_state [R]) -> {"hessian_top_eigenvalue", "hessian_trace": [R]}``.
 
-    model = make_model(data.task.model, num_classes=data.dataset.num_classes)
+    The Hessian of the mean cross-entropy (no L2 term) over the first ``num_examples``
+    training examples, in evaluation mode; the same examples and random start for every run.
+    """
     n = min(num_examples, len(data.dataset.x_train))
     batch = {"x": jnp.asarray(data.dataset.x_train[:n]), "y": jnp.asarray(data.dataset.y_train[:n])}
 
