@@ -16,7 +16,7 @@ NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
 SMOKE_PARAMETERS = {
     "quickstart": "STEPS = 20\nSEEDS = (0,)\nMETHODS = ('sgd', 'adam')",
     "lookahead": "STEPS = 30\nEVAL_EVERY = 3",
-    "sam": "STEPS = 20\nSEEDS = (0,)\nSHARPNESS_EXAMPLES = 64\nPOWER_ITERS = 3",
+    "sam": "STEPS = 20\nSEEDS = (0,)\nSHARPNESS_EXAMPLES = 64\nPOWER_ITERS = 3\nTRACE_SAMPLES = 2",
 }
 ALL = sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb"))
 
