@@ -7,8 +7,15 @@ ml_collections, tqdm); without it this prints one line naming the extra and exit
 import importlib.util
 import sys
 
-HARNESS_MODULES = ("flax", "orbax.checkpoint", "sklearn", "scipy", "matplotlib",
-                   "ml_collections", "tqdm")  # fmt: skip
+HARNESS_MODULES = (
+    "flax",
+    "orbax.checkpoint",
+    "sklearn",
+    "scipy",
+    "matplotlib",
+    "ml_collections",
+    "tqdm",
+)
 
 
 def missing_harness_modules() -> list[str]:
@@ -29,7 +36,7 @@ def run() -> int:
     if missing:
         print(
             "error: python -m experiments needs the harness's dependencies (missing: "
-            f"{', '.join(missing)}); install them with: pip install -e \".[experiments]\"",
+            f'{", ".join(missing)}); install them with: pip install -e ".[experiments]"',
             file=sys.stderr,
         )
         return 2

@@ -537,12 +537,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as error:  # one line for known, user-facing failures
         from experiments.data import DatasetNotFoundError
-        from experiments.train import NonFiniteLossError
 
         if isinstance(error, DatasetNotFoundError):  # several lines: how to get the data
             print(f"error: {error}", file=sys.stderr)
             return USAGE_ERROR
-        if isinstance(error, NonFiniteLossError):
-            print(f"error: {error}", file=sys.stderr)
-            return 1
         raise

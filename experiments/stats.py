@@ -48,8 +48,8 @@ class PairedResult(NamedTuple):
 
 
 def paired(
-    method: Sequence[float],
-    baseline: Sequence[float],
+    method: Sequence[float] | np.ndarray,
+    baseline: Sequence[float] | np.ndarray,
     *,
     higher_is_better: bool = True,
     confidence: float = 0.95,
@@ -77,7 +77,9 @@ def paired(
     a = np.asarray(method, np.float64)
     b = np.asarray(baseline, np.float64)
     if a.shape != b.shape:
-        raise ValueError(f"method and baseline need one value per seed each, got {a.shape} {b.shape}")
+        raise ValueError(
+            f"method and baseline need one value per seed each, got {a.shape} {b.shape}"
+        )
     keep = np.isfinite(a) & np.isfinite(b)
     d = a[keep] - b[keep]
     n, dropped = int(d.size), int((~keep).sum())

@@ -83,10 +83,23 @@ Record = dict[str, Any]
 AGGREGATES = ("spread", "drop", "worst", "mean", "sensitivity")
 PARTITIONS = ("iid", "dirichlet", "k_classes")
 TASK_FIELDS = (
-    "dataset", "model", "steps", "epochs", "batch_size", "validation_fraction", "workers",
-    "partition", "partition_alpha", "partition_classes", "l2", "data_seed", "data_dir",
-    "log_every", "eval_every", "checkpoint_every",
-)  # fmt: skip
+    "dataset",
+    "model",
+    "steps",
+    "epochs",
+    "batch_size",
+    "validation_fraction",
+    "workers",
+    "partition",
+    "partition_alpha",
+    "partition_classes",
+    "l2",
+    "data_seed",
+    "data_dir",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+)
 
 
 # --- declarations ---------------------------------------------------------------------------
@@ -101,7 +114,8 @@ class Task:
       dataset, model: names from :data:`experiments.data.DATASET_NAMES` and
         :func:`experiments.models.model_names`.
       steps / epochs: the budget; ``epochs > 0`` wins (unless the task sets only its
-        own ``steps``) and counts full passes over the training split (``epochs * (n_train // (batch_size * max(workers, 1)))`` steps).
+        own ``steps``) and counts full passes over the training split:
+        ``epochs * (n_train // (batch_size * max(workers, 1)))`` steps.
       batch_size: examples per step (per worker in worker mode).
       validation_fraction: held out of the training set for selection (0: none).
       workers: 0 (one model per run) or W > 0 worker-local copies with partitions.
@@ -153,7 +167,7 @@ class Method:
 
 @dataclasses.dataclass(frozen=True)
 class Claim:
-    """"``method`` beats ``baseline`` on ``metric``", per task or aggregated over an axis.
+    """ "``method`` beats ``baseline`` on ``metric``", per task or aggregated over an axis.
 
     Attributes:
       method, baseline: method names.
@@ -285,7 +299,9 @@ def tasks_from_config(config: ml_collections.ConfigDict) -> tuple[Task, ...]:
     names = tuple(config.get("task_names", ())) or tuple(config.tasks)
     for name in names:
         if name not in config.tasks:
-            raise ValueError(f"task_names: {name!r} is not in tasks (known: {sorted(config.tasks)}).")
+            raise ValueError(
+                f"task_names: {name!r} is not in tasks (known: {sorted(config.tasks)})."
+            )
     tasks = []
     for name in names:
         entry = dict(config.tasks[name])
@@ -364,8 +380,10 @@ def _validate_study(study: Study) -> None:
                 f"{where}: set steps >= 1 or epochs >= 1, got steps={t.steps}, epochs={t.epochs}."
             )
         if t.batch_size < 0 or (t.batch_size == 0 and t.workers):
-            raise ValueError(f"{where}.batch_size must be >= 1 (0: the whole training split, "
-                             f"without workers), got {t.batch_size}.")  # fmt: skip
+            raise ValueError(
+                f"{where}.batch_size must be >= 1 (0: the whole training split, "
+                f"without workers), got {t.batch_size}."
+            )
         for field in ("log_every",):
             if getattr(t, field) < 1:
                 raise ValueError(f"{where}.{field} must be >= 1, got {getattr(t, field)}.")
@@ -410,10 +428,12 @@ def _validate_study(study: Study) -> None:
             )
     for c in study.claims:
         if c.aggregate not in AGGREGATES:
-            raise ValueError(f"claim {c.method} vs {c.baseline}: aggregate must be one of {AGGREGATES}.")
-        for t in c.tasks:
-            if t not in {task.name for task in study.tasks}:
-                raise ValueError(f"claim {c.method} vs {c.baseline}: unknown task {t!r}.")
+            raise ValueError(
+                f"claim {c.method} vs {c.baseline}: aggregate must be one of {AGGREGATES}."
+            )
+        for name in c.tasks:
+            if name not in {task.name for task in study.tasks}:
+                raise ValueError(f"claim {c.method} vs {c.baseline}: unknown task {name!r}.")
         if c.over and c.over != "task":
             for name in (c.method, c.baseline):
                 if c.over not in study.method(name).axes:
@@ -432,7 +452,9 @@ def _is_float_axis(values: Sequence[Any]) -> bool:
 def points(method: Method) -> list[dict[str, Any]]:
     """Every grid point of a method (``[{}]`` when it has no axes)."""
     names = list(method.axes)
-    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*method.axes.values())]
+    return [
+        dict(zip(names, combo, strict=True)) for combo in itertools.product(*method.axes.values())
+    ]
 
 
 def point_label(point: Mapping[str, Any]) -> str:
@@ -441,7 +463,7 @@ def point_label(point: Mapping[str, Any]) -> str:
 
 
 def _groups(method: Method) -> list[tuple[dict[str, Any], list[dict[str, Any]]]]:
-    """``[(static point, [traced points])]``: the non-float axes split groups, float ones vectorize."""
+    """``[(static point, [traced points])]``: non-float axes split groups, float ones vectorize."""
     static = {k: v for k, v in method.axes.items() if not _is_float_axis(v)}
     traced = {k: v for k, v in method.axes.items() if _is_float_axis(v)}
     static_points = [dict(zip(static, c, strict=True)) for c in itertools.product(*static.values())]
@@ -514,14 +536,14 @@ def _load(task: Task, devices: int, cache: dict) -> TaskData:
         )
     if not task.workers and batch_size % devices:
         raise ConfigError(
-            f"tasks.{task.name}.batch_size ({batch_size}) must be divisible by "
-            f"devices ({devices})."
+            f"tasks.{task.name}.batch_size ({batch_size}) must be divisible by devices ({devices})."
         )
     steps = task.steps
     if task.epochs:
         steps = task.epochs * max(len(train) // per_step, 1)
-    return TaskData(task, dataset, full.x_train[val], full.y_train[val], partitions, steps,
-                    batch_size)  # fmt: skip
+    return TaskData(
+        task, dataset, full.x_train[val], full.y_train[val], partitions, steps, batch_size
+    )
 
 
 def _l2_loss(loss_fn: LossFn, l2: float) -> LossFn:
@@ -646,7 +668,7 @@ def _run_task(
     model = make_model(task.model, num_classes=data.dataset.num_classes)
     loss_fn = (study.make_loss or (lambda t, m: classification_loss(m)))(task, model)
     loss_fn = _l2_loss(loss_fn, task.l2)
-    x_example = data.dataset.x_train[:1]
+    x_example = jnp.asarray(data.dataset.x_train[:1])
     init_fn = jax.jit(lambda key: model.init(key, x_example))  # one compile per task
     evaluators: dict[str, StackedEvaluator] = {
         "test": make_stacked_evaluator(model, data.dataset.x_test, data.dataset.y_test)
@@ -683,8 +705,9 @@ def _run_task(
             spec = {**method.spec, **static}
 
             def make_tx(hp, axis_name, spec=spec):
-                ctx = TxContext(task, data.steps, axis_name, data.dataset.num_classes,
-                                data.batch_size)  # fmt: skip
+                ctx = TxContext(
+                    task, data.steps, axis_name, data.dataset.num_classes, data.batch_size
+                )
                 return study.make_tx({**spec, **hp}, ctx)
 
             plan = (
@@ -697,10 +720,14 @@ def _run_task(
                 )
             )
             tags = [
-                {"task": task.name, "method": method.name, "point": point_label({**static, **p}),
-                 "seed": seed}
+                {
+                    "task": task.name,
+                    "method": method.name,
+                    "point": point_label({**static, **p}),
+                    "seed": seed,
+                }
                 for seed, p in runs
-            ]  # fmt: skip
+            ]
             writers = [MetricsWriter(workdir / task.name / "metrics.jsonl", **t) for t in tags]
             eval_params = study.eval_params(method) if study.eval_params else None
             bar.line(f"{task.name} / {method.name} {point_label(static)}: {len(runs)} runs")
@@ -765,11 +792,14 @@ def _run_task(
 # --- results ---------------------------------------------------------------------------------
 
 
-def _rows(records: Sequence[Record], task: str, method: str, point: Mapping[str, Any]) -> list[Record]:
+def _rows(
+    records: Sequence[Record], task: str, method: str, point: Mapping[str, Any]
+) -> list[Record]:
     return [
-        r for r in records
+        r
+        for r in records
         if r["task"] == task and r["method"] == method and r["point"] == dict(point)
-    ]  # fmt: skip
+    ]
 
 
 def _by_seed(rows: Sequence[Record], metric: str, seeds: Sequence[int]) -> np.ndarray:
@@ -802,8 +832,9 @@ def select(study: Study, records: Sequence[Record]) -> dict[str, dict[str, Any]]
                 continue
 
             def score(p, metric):
-                return _mean_std(_by_seed(_rows(records, task.name, method.name, p), metric,
-                                          study.seeds))["mean"]  # fmt: skip
+                return _mean_std(
+                    _by_seed(_rows(records, task.name, method.name, p), metric, study.seeds)
+                )["mean"]
 
             val = [score(p, "val_accuracy") for p in candidates]
             test = [score(p, "test_accuracy") for p in candidates]
@@ -840,26 +871,34 @@ def _aggregate(values: np.ndarray, how: str) -> np.ndarray:
 
 
 def _axis_values(
-    study: Study, records: Sequence[Record], selection: Mapping[str, Any], claim: Claim,
-    method: str, task: str | None,
+    study: Study,
+    records: Sequence[Record],
+    selection: Mapping[str, Any],
+    claim: Claim,
+    method: str,
+    task: str | None,
 ) -> np.ndarray:
     """``[seeds, axis points]`` of the claim's metric for one method."""
     m = study.method(method)
     if claim.over == "task":
         tasks = claim.tasks or tuple(t.name for t in study.tasks)
         cols = [
-            _by_seed(_rows(records, t, method, selection[f"{t}/{method}"]["point"]), claim.metric,
-                     study.seeds)
+            _by_seed(
+                _rows(records, t, method, selection[f"{t}/{method}"]["point"]),
+                claim.metric,
+                study.seeds,
+            )
             for t in tasks
-        ]  # fmt: skip
+        ]
     else:
         assert task is not None
         base = selection[f"{task}/{method}"]["point"]
         cols = [
-            _by_seed(_rows(records, task, method, {**base, claim.over: v}), claim.metric,
-                     study.seeds)
+            _by_seed(
+                _rows(records, task, method, {**base, claim.over: v}), claim.metric, study.seeds
+            )
             for v in m.axes[claim.over]
-        ]  # fmt: skip
+        ]
     return np.stack(cols, axis=1)
 
 
@@ -869,37 +908,55 @@ def verdicts(
     """Every claim's paired verdict (one per task, or one for claims over tasks)."""
     out = []
     for c in study.claims:
-        tasks: Sequence[str | None]
-        if c.over == "task":
-            tasks = [None]
-        else:
-            tasks = c.tasks or [t.name for t in study.tasks]
+        all_tasks = c.tasks or tuple(t.name for t in study.tasks)
+        tasks: Sequence[str | None] = [None] if c.over == "task" else all_tasks
         for task in tasks:
             label = f"{task}: " if task else ""
-            entry: dict[str, Any] = {"claim": label + _claim_text(c), "task": task,
-                                     "method": c.method, "baseline": c.baseline,
-                                     "metric": c.metric, "over": c.over,
-                                     "aggregate": c.aggregate if c.over else ""}  # fmt: skip
+            entry: dict[str, Any] = {
+                "claim": label + _claim_text(c),
+                "task": task,
+                "method": c.method,
+                "baseline": c.baseline,
+                "metric": c.metric,
+                "over": c.over,
+                "aggregate": c.aggregate if c.over else "",
+            }
             if not c.over:
-                a = _by_seed(_rows(records, task, c.method, selection[f"{task}/{c.method}"]["point"]),
-                             c.metric, study.seeds)  # fmt: skip
-                b = _by_seed(_rows(records, task, c.baseline,
-                                   selection[f"{task}/{c.baseline}"]["point"]),
-                             c.metric, study.seeds)  # fmt: skip
+                assert task is not None  # per-task claims have a task
+                a = _by_seed(
+                    _rows(records, task, c.method, selection[f"{task}/{c.method}"]["point"]),
+                    c.metric,
+                    study.seeds,
+                )
+                b = _by_seed(
+                    _rows(records, task, c.baseline, selection[f"{task}/{c.baseline}"]["point"]),
+                    c.metric,
+                    study.seeds,
+                )
                 result = stats.paired(a, b, higher_is_better=c.higher_is_better)
-                entry.update(outcome=result.outcome, detail=result._asdict(),
-                             method_value=_mean_std(a), baseline_value=_mean_std(b))  # fmt: skip
+                entry.update(
+                    outcome=result.outcome,
+                    detail=result._asdict(),
+                    method_value=_mean_std(a),
+                    baseline_value=_mean_std(b),
+                )
             else:
                 a = _axis_values(study, records, selection, c, c.method, task)
                 b = _axis_values(study, records, selection, c, c.baseline, task)
                 if c.aggregate == "sensitivity":
-                    spread = stats.paired(_aggregate(a, "spread"), _aggregate(b, "spread"),
-                                          higher_is_better=not c.higher_is_better)  # fmt: skip
+                    spread = stats.paired(
+                        _aggregate(a, "spread"),
+                        _aggregate(b, "spread"),
+                        higher_is_better=not c.higher_is_better,
+                    )
                     guards = [
-                        stats.paired(_aggregate(a, how), _aggregate(b, how),
-                                     higher_is_better=c.higher_is_better)
+                        stats.paired(
+                            _aggregate(a, how),
+                            _aggregate(b, how),
+                            higher_is_better=c.higher_is_better,
+                        )
                         for how in ("worst", "mean")
-                    ]  # fmt: skip
+                    ]
                     entry.update(
                         outcome=stats.combine(spread, guards),
                         detail=spread._asdict(),
@@ -913,15 +970,21 @@ def verdicts(
                     hib = (not c.higher_is_better) if smaller else c.higher_is_better
                     va, vb = _aggregate(a, c.aggregate), _aggregate(b, c.aggregate)
                     result = stats.paired(va, vb, higher_is_better=hib)
-                    entry.update(outcome=result.outcome, detail=result._asdict(),
-                                 method_value=_mean_std(va), baseline_value=_mean_std(vb))  # fmt: skip
+                    entry.update(
+                        outcome=result.outcome,
+                        detail=result._asdict(),
+                        method_value=_mean_std(va),
+                        baseline_value=_mean_std(vb),
+                    )
             out.append(entry)
     return out
 
 
 def summaries(study: Study, records: Sequence[Record]) -> list[dict[str, Any]]:
     """Mean ± std over seeds of every metric, per (task, method, point)."""
-    metrics = sorted({k for r in records for k, v in r.items() if isinstance(v, float)} - {"wall_time_s"})
+    metrics = sorted(
+        {k for r in records for k, v in r.items() if isinstance(v, float)} - {"wall_time_s"}
+    )
     out = []
     for task in study.tasks:
         for method in study.methods:
@@ -929,14 +992,22 @@ def summaries(study: Study, records: Sequence[Record]) -> list[dict[str, Any]]:
                 rows = _rows(records, task.name, method.name, p)
                 if not rows:
                     continue
-                out.append({
-                    "task": task.name, "method": method.name, "point": p,
-                    "diverged": sum(r["diverged_at_step"] is not None
-                                    and not (isinstance(r["diverged_at_step"], float)
-                                             and math.isnan(r["diverged_at_step"]))
-                                    for r in rows),
-                    **{m: _mean_std(_by_seed(rows, m, study.seeds)) for m in metrics},
-                })  # fmt: skip
+                out.append(
+                    {
+                        "task": task.name,
+                        "method": method.name,
+                        "point": p,
+                        "diverged": sum(
+                            r["diverged_at_step"] is not None
+                            and not (
+                                isinstance(r["diverged_at_step"], float)
+                                and math.isnan(r["diverged_at_step"])
+                            )
+                            for r in rows
+                        ),
+                        **{m: _mean_std(_by_seed(rows, m, study.seeds)) for m in metrics},
+                    }
+                )
     return out
 
 
@@ -972,9 +1043,16 @@ def write_results(
         "claim": study.claim,
         "config": dict(study.config),
         "provenance": dict(provenance),
-        "tasks": {name: {"steps": d.steps, "train": len(d.dataset.x_train), "val": len(d.x_val),
-                         "test": len(d.dataset.x_test), **dataclasses.asdict(d.task)}
-                  for name, d in data.items()},  # fmt: skip
+        "tasks": {
+            name: {
+                "steps": d.steps,
+                "train": len(d.dataset.x_train),
+                "val": len(d.x_val),
+                "test": len(d.dataset.x_test),
+                **dataclasses.asdict(d.task),
+            }
+            for name, d in data.items()
+        },
         "runs": list(records),
         "summaries": summary,
         "selections": selection,
@@ -987,8 +1065,12 @@ def write_results(
     return json.loads(json.dumps(_strict(results)))
 
 
-def _markdown(study: Study, results: Mapping[str, Any], diverged: Sequence[Record],
-              data: Mapping[str, TaskData]) -> str:  # fmt: skip
+def _markdown(
+    study: Study,
+    results: Mapping[str, Any],
+    diverged: Sequence[Record],
+    data: Mapping[str, TaskData],
+) -> str:
     prov = results["provenance"]
     git, devices = prov.get("git") or {}, prov.get("devices") or {}
     lines = [
@@ -1004,7 +1086,7 @@ def _markdown(study: Study, results: Mapping[str, Any], diverged: Sequence[Recor
         f"{devices.get('used', '?')} of {devices.get('count', '?')} x {devices.get('kind', '?')}.",
         "",
     ]
-    metrics = [m for m in study.table_metrics]
+    metrics = list(study.table_metrics)
     for task in study.tasks:
         d = data[task.name]
         lines += [
@@ -1023,23 +1105,32 @@ def _markdown(study: Study, results: Mapping[str, Any], diverged: Sequence[Recor
         for m in study.methods:
             sel = results["selections"][f"{task.name}/{m.name}"]
             row = next(
-                (s for s in results["summaries"]
-                 if s["task"] == task.name and s["method"] == m.name and s["point"] == sel["point"]),
+                (
+                    s
+                    for s in results["summaries"]
+                    if s["task"] == task.name
+                    and s["method"] == m.name
+                    and s["point"] == sel["point"]
+                ),
                 None,
-            )  # fmt: skip
+            )
             if row is None:
                 continue
-            cells = [_fmt(row.get(k), k) for k in metrics]
+            row_cells = [_fmt(row.get(k), k) for k in metrics]
             tuned = " (tuned)" if m.tune else ""
             lines.append(
                 f"| {m.name} | {point_label(sel['point']) or '-'}{tuned} | "
-                + " | ".join(cells) + f" | {row['diverged']}/{len(study.seeds)} |"
+                + " | ".join(row_cells)
+                + f" | {row['diverged']}/{len(study.seeds)} |"
             )
         lines.append("")
-        tuned = [m for m in study.methods if m.tune]
-        if tuned:
-            lines += ["Selection on the validation split (the test-set choice is disclosed, not used):", ""]
-            for m in tuned:
+        tuned_methods = [m for m in study.methods if m.tune]
+        if tuned_methods:
+            lines += [
+                "Selection on the validation split (the test-set choice is disclosed, not used):",
+                "",
+            ]
+            for m in tuned_methods:
                 sel = results["selections"][f"{task.name}/{m.name}"]
                 lines.append(
                     f"- {m.name}: {point_label(sel['point'])} (val {_pct(sel['val'])}, test "
@@ -1050,17 +1141,26 @@ def _markdown(study: Study, results: Mapping[str, Any], diverged: Sequence[Recor
         swept = [m for m in study.methods if any(a not in m.tune for a in m.axes)]
         for m in swept:
             for axis in [a for a in m.axes if a not in m.tune]:
-                rows = [s for s in results["summaries"] if s["task"] == task.name
-                        and s["method"] == m.name]  # fmt: skip
-                cells = " | ".join(
-                    f"{_fmt(s.get('test_accuracy'), 'test_accuracy')}" for s in rows
-                )
-                heads = " | ".join(f"{axis}={s['point'][axis]:g}" for s in rows)
-                lines += [f"`{m.name}` test accuracy across `{axis}`:", "", f"| {heads} |",
-                          "|---" * len(rows) + "|", f"| {cells} |", ""]  # fmt: skip
+                grid = [
+                    s
+                    for s in results["summaries"]
+                    if s["task"] == task.name and s["method"] == m.name
+                ]
+                cells = " | ".join(f"{_fmt(s.get('test_accuracy'), 'test_accuracy')}" for s in grid)
+                heads = " | ".join(f"{axis}={s['point'][axis]:g}" for s in grid)
+                lines += [
+                    f"`{m.name}` test accuracy across `{axis}`:",
+                    "",
+                    f"| {heads} |",
+                    "|---" * len(grid) + "|",
+                    f"| {cells} |",
+                    "",
+                ]
     n = len(results["verdicts"])
-    counts = {o: sum(v["outcome"] == o for v in results["verdicts"])
-              for o in (stats.HELD, stats.INCONCLUSIVE, stats.NOT_HELD)}  # fmt: skip
+    counts = {
+        o: sum(v["outcome"] == o for v in results["verdicts"])
+        for o in (stats.HELD, stats.INCONCLUSIVE, stats.NOT_HELD)
+    }
     lines += [
         "## Verdicts",
         "",
@@ -1077,8 +1177,11 @@ def _markdown(study: Study, results: Mapping[str, Any], diverged: Sequence[Recor
         extra = ""
         if v.get("guards"):
             g = v["guards"]
-            extra = (f"; guards: worst {g['worst']['outcome']} ({scale * g['worst']['mean_diff']:+.2f}), "
-                     f"mean {g['mean']['outcome']} ({scale * g['mean']['mean_diff']:+.2f})")  # fmt: skip
+            extra = (
+                f"; guards: worst {g['worst']['outcome']} "
+                f"({scale * g['worst']['mean_diff']:+.2f}), "
+                f"mean {g['mean']['outcome']} ({scale * g['mean']['mean_diff']:+.2f})"
+            )
         what = f"{v['aggregate']} of " if v["aggregate"] else ""
         lines.append(
             f"- **{v['outcome'].upper()}**: {v['claim']}. {what}{v['metric']}: "
@@ -1086,7 +1189,8 @@ def _markdown(study: Study, results: Mapping[str, Any], diverged: Sequence[Recor
             f"paired difference {scale * _nan(d['mean_diff']):+.2f}{unit}, 95 % CI "
             f"[{scale * _nan(d['low']):+.2f}, {scale * _nan(d['high']):+.2f}] over {d['n']} seeds"
             + (f" ({d['dropped']} left out: missing values)" if d["dropped"] else "")
-            + extra + "."
+            + extra
+            + "."
         )
     lines += ["", "## Notes", ""]
     lines.append(
@@ -1097,11 +1201,14 @@ def _markdown(study: Study, results: Mapping[str, Any], diverged: Sequence[Recor
     if diverged:
         lines.append(
             "- Diverged runs: "
-            + ", ".join(f"{r['task']}/{r['method']} {point_label(r['point'])} seed {r['seed']} "
-                        f"(step {r['diverged_at_step']})" for r in diverged[:20])
+            + ", ".join(
+                f"{r['task']}/{r['method']} {point_label(r['point'])} seed {r['seed']} "
+                f"(step {r['diverged_at_step']})"
+                for r in diverged[:20]
+            )
             + ("" if len(diverged) <= 20 else f", and {len(diverged) - 20} more")
             + "."
-        )  # fmt: skip
+        )
     lines += [f"- {n}" for n in results["notes"]]
     if results["plots"]:
         lines += ["", "## Plots", "", *[f"![{p}]({p})" for p in results["plots"]]]
@@ -1130,13 +1237,19 @@ def plot_curves(study: Study, workdir: Path, selection: Mapping[str, Any]) -> li
             continue
         fig, axes = plt.subplots(1, 2, figsize=(11, 4))
         for ax, key, label, log in zip(
-            axes, ("train_loss", "test_accuracy"), ("training loss", "test accuracy"),
-            (True, False), strict=True,
+            axes,
+            ("train_loss", "test_accuracy"),
+            ("training loss", "test accuracy"),
+            (True, False),
+            strict=True,
         ):
             for m in study.methods:
                 label_point = point_label(selection[f"{task.name}/{m.name}"]["point"])
-                rows = [r for r in records if r.get("method") == m.name
-                        and r.get("point") == label_point and key in r]  # fmt: skip
+                rows = [
+                    r
+                    for r in records
+                    if r.get("method") == m.name and r.get("point") == label_point and key in r
+                ]
                 if not rows:
                     continue
                 steps = sorted({r["step"] for r in rows})
@@ -1195,7 +1308,9 @@ def plot_axes(study: Study, workdir: Path, summary: Sequence[Mapping[str, Any]])
             if not drawn:
                 plt.close(fig)
                 continue
-            if all(isinstance(v, float) and v > 0 for m in study.methods for v in m.axes.get(axis, ())):
+            if all(
+                isinstance(v, float) and v > 0 for m in study.methods for v in m.axes.get(axis, ())
+            ):
                 ax.set_xscale("log")
             ax.set_xlabel(axis)
             ax.set_ylabel("test accuracy (%)")
@@ -1232,7 +1347,8 @@ def runner_functions(
         progress: bool = True,
         on_ready: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
-        return run_study(build(config), workdir, devices=devices, progress=progress,
-                         on_ready=on_ready)  # fmt: skip
+        return run_study(
+            build(config), workdir, devices=devices, progress=progress, on_ready=on_ready
+        )
 
     return validate, plan, run

@@ -134,7 +134,10 @@ def fake(monkeypatch):
         (["run", "baselines", "--config.steps=1.5"], "expected a value of type int"),
         (["run", "baselines", "--config.tasks.digits.epochs=0"], "set steps >= 1 or epochs >= 1"),
         (["run", "baselines", "--config.steps=5"], "set --config.tasks.digits.epochs instead"),
-        (["run", "baselines", "--config.tasks.digits.steps=5"], "add --config.tasks.digits.epochs=0"),
+        (
+            ["run", "baselines", "--config.tasks.digits.steps=5"],
+            "add --config.tasks.digits.epochs=0",
+        ),
         (
             ["run", "baselines", "--config.methods.sgd.learning_rate=-1"],
             "methods.sgd.learning_rate must be > 0",
@@ -142,7 +145,10 @@ def fake(monkeypatch):
         (["run", "baselines", "--config.model=vgg"], "model must be one of"),
         (["run", "baselines", "--config.method_names=sgd,lion"], "'lion' is not in methods"),
         (["run", "baselines", "--config.methods=1"], "is a group"),
-        (["run", "baselines", "--config.batch_size=100000"], "batch_size must be in [1, 1221] (the training split"),
+        (
+            ["run", "baselines", "--config.batch_size=100000"],
+            "batch_size must be in [1, 1221] (the training split",
+        ),
         (["run", "baselines", "--variant", "huge"], "unknown variant 'huge' of baselines"),
         (["run", "baselines", "--devices", "0"], "--devices must be >= 1"),
         (["run", "baselines", "--devices", "64"], "only 8 devices are visible"),

@@ -83,16 +83,18 @@ def test_every_quick_method_builds_and_steps():
                 grads = jax.grad(loss)(params)
                 updates, _ = tx.update(grads, tx.init(params), params, grad_fn=jax.grad(loss))
                 assert all(np.isfinite(np.asarray(u)).all() for u in jax.tree.leaves(updates)), (
-                    name, method.name, point)  # fmt: skip
+                    name,
+                    method.name,
+                    point,
+                )
 
 
 # --- lookahead ---------------------------------------------------------------------------------
 
 
 def test_lookahead_methods_are_evaluated_on_their_slow_weights():
-    from experiments.runners import lookahead
-
     from experiments.configs.lookahead import get_config
+    from experiments.runners import lookahead
 
     study = lookahead.build_study(get_config("quick"))
     assert study.eval_params(study.method("sgd")) is None
@@ -102,8 +104,15 @@ def test_lookahead_methods_are_evaluated_on_their_slow_weights():
 
 
 def test_lookahead_bad_levels_are_one_line_errors(capsys, tmp_path):
-    argv = ["run", "lookahead", "--variant", "smoke", "--workdir", str(tmp_path / "w"),
-            "--config.methods.la_sgd.lookahead.levels=((5, 0.5, 1),)"]  # fmt: skip
+    argv = [
+        "run",
+        "lookahead",
+        "--variant",
+        "smoke",
+        "--workdir",
+        str(tmp_path / "w"),
+        "--config.methods.la_sgd.lookahead.levels=((5, 0.5, 1),)",
+    ]
     assert main(argv) == 2
     assert "levels[0] must be a (k, alpha) pair" in capsys.readouterr().err
 
@@ -168,7 +177,9 @@ def test_extrapolation_schedule_warms_up_then_decays():
     assert float(cosine(0)) == 0.0
     assert float(cosine(10)) == pytest.approx(1.0)
     assert float(cosine(99)) < 0.01
-    step = lr_schedule(1.0, steps=100, warmup_steps=10, kind="warmup_step", decay_fractions=(0.5, 0.75))
+    step = lr_schedule(
+        1.0, steps=100, warmup_steps=10, kind="warmup_step", decay_fractions=(0.5, 0.75)
+    )
     assert [float(step(t)) for t in (5, 20, 60, 80)] == pytest.approx([0.5, 1.0, 0.1, 0.01])
 
 
@@ -176,9 +187,17 @@ def test_extrapolation_scales_the_rate_with_the_batch_and_ties_gamma_to_it():
     """lr = base * b / base_b, gamma_t = ratio * lr_t; eval params undo the past offset."""
     from experiments.runners import extrapolation as ex
 
-    spec = {"optimizer": "sgd", "learning_rate": 0.01, "base_batch_size": 32,
-            "warmup_epochs": 0, "schedule": "warmup_step", "decay_fractions": (),
-            "transform": "extrapolation", "direction": "past", "gamma_ratio": 0.5}  # fmt: skip
+    spec = {
+        "optimizer": "sgd",
+        "learning_rate": 0.01,
+        "base_batch_size": 32,
+        "warmup_epochs": 0,
+        "schedule": "warmup_step",
+        "decay_fractions": (),
+        "transform": "extrapolation",
+        "direction": "past",
+        "gamma_ratio": 0.5,
+    }
     task = st.Task("t", "digits", "mlp", batch_size=128, epochs=2)
     tx = ex.make_tx(spec, st.TxContext(task, 20, None, 10, 128))
     params = jnp.zeros(3)

@@ -10,17 +10,30 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LEAN = {"jax", "jaxlib", "optax", "chex", "numpy"}
-HARNESS = ("flax", "orbax", "sklearn", "scipy", "matplotlib", "ml_collections", "tqdm",
-           "tensorflow", "tensorflow_datasets", "experiments")  # fmt: skip
+HARNESS = (
+    "flax",
+    "orbax",
+    "sklearn",
+    "scipy",
+    "matplotlib",
+    "ml_collections",
+    "tqdm",
+    "tensorflow",
+    "tensorflow_datasets",
+    "experiments",
+)
 
 
 def test_import_optlab_pulls_in_nothing_beyond_the_lean_set():
-    code = (
-        "import sys, optlab\n"
-        f"print(sorted(m for m in {HARNESS!r} if m in sys.modules))\n"
+    code = f"import sys, optlab\nprint(sorted(m for m in {HARNESS!r} if m in sys.modules))\n"
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        check=True,
+        timeout=120,
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=REPO, check=True, timeout=120)  # fmt: skip
     assert out.stdout.strip() == "[]", out.stdout
 
 
@@ -29,8 +42,15 @@ def test_the_package_requires_only_the_lean_set():
     names = {d.split(">")[0].split("=")[0].split("<")[0].strip() for d in project["dependencies"]}
     assert names == LEAN
     harness = " ".join(project["optional-dependencies"]["experiments"])
-    for dependency in ("flax", "orbax-checkpoint", "scikit-learn", "scipy", "ml_collections",
-                       "tqdm", "matplotlib"):  # fmt: skip
+    for dependency in (
+        "flax",
+        "orbax-checkpoint",
+        "scikit-learn",
+        "scipy",
+        "ml_collections",
+        "tqdm",
+        "matplotlib",
+    ):
         assert dependency in harness
 
 
@@ -44,8 +64,9 @@ def test_experiments_without_the_extra_is_a_one_line_error():
         "import runpy\n"
         "runpy.run_module('experiments', run_name='__main__')\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=REPO, timeout=120)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr

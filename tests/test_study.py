@@ -65,13 +65,30 @@ def _study(**overrides) -> st.Study:
     fields = dict(
         name="tiny",
         claim="a claim",
-        tasks=(st.Task("digits", "digits", "mlp", batch_size=32, steps=30, log_every=10,
-                       eval_every=10, checkpoint_every=10),),  # fmt: skip
+        tasks=(
+            st.Task(
+                "digits",
+                "digits",
+                "mlp",
+                batch_size=32,
+                steps=30,
+                log_every=10,
+                eval_every=10,
+                checkpoint_every=10,
+            ),
+        ),
         methods=(
-            st.Method("sgd", {"optimizer": "sgd", "learning_rate": 0.1},
-                      axes={"learning_rate": (0.03, 0.1, 1e30)}),  # fmt: skip
-            st.Method("adam", {"optimizer": "adam", "learning_rate": 1e-3},
-                      axes={"learning_rate": (1e-3, 1e-2)}, tune=("learning_rate",)),  # fmt: skip
+            st.Method(
+                "sgd",
+                {"optimizer": "sgd", "learning_rate": 0.1},
+                axes={"learning_rate": (0.03, 0.1, 1e30)},
+            ),
+            st.Method(
+                "adam",
+                {"optimizer": "adam", "learning_rate": 1e-3},
+                axes={"learning_rate": (1e-3, 1e-2)},
+                tune=("learning_rate",),
+            ),
         ),
         seeds=(0, 1, 2),
         make_tx=_make_tx,
@@ -95,13 +112,29 @@ def tiny(tmp_path_factory):
 def test_runs_records_and_outputs(tiny):
     workdir, results = tiny
     assert len(results["runs"]) == (3 + 2) * 3
-    for name in ("results.json", "results.md", "curves_digits.png", "learning_rate_digits.png",
-                 "digits/metrics.jsonl"):  # fmt: skip
+    for name in (
+        "results.json",
+        "results.md",
+        "curves_digits.png",
+        "learning_rate_digits.png",
+        "digits/metrics.jsonl",
+    ):
         assert (workdir / name).stat().st_size > 0, name
     on_disk = json.loads((workdir / "results.json").read_text())  # strict JSON (no NaN)
-    assert set(on_disk) >= {"config", "provenance", "runs", "summaries", "selections",
-                            "verdicts", "notes", "tasks"}  # fmt: skip
-    assert on_disk["provenance"]["git"]["commit"] is None or len(on_disk["provenance"]["git"]["commit"]) == 40
+    assert set(on_disk) >= {
+        "config",
+        "provenance",
+        "runs",
+        "summaries",
+        "selections",
+        "verdicts",
+        "notes",
+        "tasks",
+    }
+    assert (
+        on_disk["provenance"]["git"]["commit"] is None
+        or len(on_disk["provenance"]["git"]["commit"]) == 40
+    )
     assert on_disk["provenance"]["wall_time_s"] > 0
 
 
@@ -111,7 +144,8 @@ def test_divergence_policy(tiny):
     bad = [r for r in results["runs"] if r["point"].get("learning_rate") == 1e30]
     assert len(bad) == 3
     for r in bad:
-        assert isinstance(r["diverged_at_step"], int) and 0 <= r["diverged_at_step"] < 30
+        assert isinstance(r["diverged_at_step"], int)
+        assert 0 <= r["diverged_at_step"] < 30
         assert r["test_accuracy"] == pytest.approx(0.1)  # chance: 10 classes
         assert r["test_loss"] is None  # NaN -> null
     good = [r for r in results["runs"] if r["point"].get("learning_rate") == 0.1]
@@ -121,8 +155,14 @@ def test_divergence_policy(tiny):
 def test_tuned_axis_is_selected_on_validation_and_the_test_choice_disclosed(tiny):
     _, results = tiny
     selection = results["selections"]["digits/adam"]
-    rows = {lr: [r for r in results["runs"] if r["method"] == "adam"
-                 and r["point"]["learning_rate"] == lr] for lr in (1e-3, 1e-2)}  # fmt: skip
+    rows = {
+        lr: [
+            r
+            for r in results["runs"]
+            if r["method"] == "adam" and r["point"]["learning_rate"] == lr
+        ]
+        for lr in (1e-3, 1e-2)
+    }
     val = {lr: np.mean([r["val_accuracy"] for r in rs]) for lr, rs in rows.items()}
     test = {lr: np.mean([r["test_accuracy"] for r in rs]) for lr, rs in rows.items()}
     assert selection["point"]["learning_rate"] == max(val, key=val.get)
@@ -135,10 +175,16 @@ def test_verdicts_are_paired_over_seeds(tiny):
     _, results = tiny
     runs = results["runs"]
     chosen = results["selections"]["digits/adam"]["point"]
-    a = [r["test_accuracy"] for r in sorted(runs, key=lambda r: r["seed"])
-         if r["method"] == "adam" and r["point"] == chosen]  # fmt: skip
-    b = [r["test_accuracy"] for r in sorted(runs, key=lambda r: r["seed"])
-         if r["method"] == "sgd" and r["point"] == {"learning_rate": 0.1}]  # fmt: skip
+    a = [
+        r["test_accuracy"]
+        for r in sorted(runs, key=lambda r: r["seed"])
+        if r["method"] == "adam" and r["point"] == chosen
+    ]
+    b = [
+        r["test_accuracy"]
+        for r in sorted(runs, key=lambda r: r["seed"])
+        if r["method"] == "sgd" and r["point"] == {"learning_rate": 0.1}
+    ]
     verdict = results["verdicts"][0]
     assert verdict["outcome"] == stats.paired(a, b).outcome
     assert verdict["detail"]["mean_diff"] == pytest.approx(np.mean(np.subtract(a, b)))
@@ -163,7 +209,9 @@ def test_an_interrupted_group_resumes_from_its_checkpoint(tiny, tmp_path):
     assert again["provenance"]["trained_steps"] == 0  # restored at the final step
     key = lambda r: (r["method"], json.dumps(r["point"]), r["seed"])
     strip = lambda r: {k: v for k, v in r.items() if k != "wall_time_s"}
-    assert sorted(map(strip, again["runs"]), key=key) == sorted(map(strip, results["runs"]), key=key)
+    assert sorted(map(strip, again["runs"]), key=key) == sorted(
+        map(strip, results["runs"]), key=key
+    )
 
 
 def test_task_claim_drop_and_sensitivity_aggregates():
@@ -171,19 +219,36 @@ def test_task_claim_drop_and_sensitivity_aggregates():
     study = _study(
         claims=(st.Claim("adam", "sgd", over="learning_rate", aggregate="sensitivity"),),
         methods=(
-            st.Method("sgd", {"optimizer": "sgd", "learning_rate": 0.1},
-                      axes={"learning_rate": (0.1, 1.0)}),  # fmt: skip
-            st.Method("adam", {"optimizer": "adam", "learning_rate": 0.1},
-                      axes={"learning_rate": (0.1, 1.0)}),  # fmt: skip
+            st.Method(
+                "sgd",
+                {"optimizer": "sgd", "learning_rate": 0.1},
+                axes={"learning_rate": (0.1, 1.0)},
+            ),
+            st.Method(
+                "adam",
+                {"optimizer": "adam", "learning_rate": 0.1},
+                axes={"learning_rate": (0.1, 1.0)},
+            ),
         ),
     )
     records = []
-    acc = {("sgd", 0.1): [0.9, 0.92, 0.91], ("sgd", 1.0): [0.5, 0.4, 0.45],
-           ("adam", 0.1): [0.6, 0.62, 0.61], ("adam", 1.0): [0.58, 0.6, 0.6]}  # fmt: skip
+    acc = {
+        ("sgd", 0.1): [0.9, 0.92, 0.91],
+        ("sgd", 1.0): [0.5, 0.4, 0.45],
+        ("adam", 0.1): [0.6, 0.62, 0.61],
+        ("adam", 1.0): [0.58, 0.6, 0.6],
+    }
     for (m, lr), values in acc.items():
         for seed, v in zip((0, 1, 2), values, strict=True):
-            records.append({"task": "digits", "method": m, "point": {"learning_rate": lr},
-                            "seed": seed, "test_accuracy": v})  # fmt: skip
+            records.append(
+                {
+                    "task": "digits",
+                    "method": m,
+                    "point": {"learning_rate": lr},
+                    "seed": seed,
+                    "test_accuracy": v,
+                }
+            )
     selection = st.select(study, records)
     (verdict,) = st.verdicts(study, records, selection)
     # adam's spread is far smaller, but its worst accuracy is not worse (0.58 > 0.45) while
@@ -198,26 +263,45 @@ def test_task_claim_drop_and_sensitivity_aggregates():
     [
         ({"seeds": ()}, "seeds must name at least one seed"),
         ({"seeds": (0, 0)}, "seeds must not repeat"),
-        ({"tasks": (st.Task("x", "nope", "mlp", batch_size=8, steps=1),)}, "tasks.x.dataset must be one of"),
-        ({"tasks": (st.Task("x", "digits", "vgg", batch_size=8, steps=1),)}, "tasks.x.model must be one of"),
-        ({"tasks": (st.Task("x", "digits", "mlp", batch_size=8),)}, "set steps >= 1 or epochs >= 1"),
-        ({"tasks": (st.Task("x", "digits", "mlp", batch_size=8, steps=1, log_every=4, eval_every=6),)},
-         "eval_every must be a non-negative multiple of log_every"),
-        ({"methods": (st.Method("m", {"learning_rate": 0.5}, axes={"learning_rate": (0.1,)}),)},
-         "must contain the method's own learning_rate"),
+        (
+            {"tasks": (st.Task("x", "nope", "mlp", batch_size=8, steps=1),)},
+            "tasks.x.dataset must be one of",
+        ),
+        (
+            {"tasks": (st.Task("x", "digits", "vgg", batch_size=8, steps=1),)},
+            "tasks.x.model must be one of",
+        ),
+        (
+            {"tasks": (st.Task("x", "digits", "mlp", batch_size=8),)},
+            "set steps >= 1 or epochs >= 1",
+        ),
+        (
+            {
+                "tasks": (
+                    st.Task("x", "digits", "mlp", batch_size=8, steps=1, log_every=4, eval_every=6),
+                )
+            },
+            "eval_every must be a non-negative multiple of log_every",
+        ),
+        (
+            {"methods": (st.Method("m", {"learning_rate": 0.5}, axes={"learning_rate": (0.1,)}),)},
+            "must contain the method's own learning_rate",
+        ),
         ({"methods": (st.Method("m", {}, tune=("rho",)),)}, "'rho' is not one of its axes"),
         ({"claims": (st.Claim("adam", "sgd", aggregate="median"),)}, "aggregate must be one of"),
         ({"claims": (st.Claim("adam", "sgd", over="rho"),)}, "has no axis 'rho'"),
     ],
-)  # fmt: skip
+)
 def test_invalid_studies_fail_at_construction(change, pattern):
     with pytest.raises(ValueError, match=pattern.replace("(", r"\(")):
         _study(**change)
 
 
 def test_overrides_reach_the_tasks():
-    config = st.study_config(batch_size=16, tasks={"a": {"dataset": "digits", "epochs": 2},
-                                                   "b": {"dataset": "mnist1d", "steps": 7}})  # fmt: skip
+    config = st.study_config(
+        batch_size=16,
+        tasks={"a": {"dataset": "digits", "epochs": 2}, "b": {"dataset": "mnist1d", "steps": 7}},
+    )
     config.tasks.a.batch_size = 8
     a, b = st.tasks_from_config(config)
     assert (a.batch_size, a.epochs, b.batch_size, b.steps, b.epochs) == (8, 2, 16, 7, 0)
@@ -233,8 +317,19 @@ def test_worker_mode_task_trains_workers_and_evaluates_their_mean(tmp_path):
         return optax.chain(optlab.mean_gradients(ctx.axis_name), optax.sgd(spec["learning_rate"]))
 
     study = _study(
-        tasks=(st.Task("digits", "digits", "mlp", batch_size=16, steps=10, log_every=5,
-                       workers=4, partition="dirichlet", partition_alpha=1.0),),  # fmt: skip
+        tasks=(
+            st.Task(
+                "digits",
+                "digits",
+                "mlp",
+                batch_size=16,
+                steps=10,
+                log_every=5,
+                workers=4,
+                partition="dirichlet",
+                partition_alpha=1.0,
+            ),
+        ),
         methods=(st.Method("sgd", {"learning_rate": 0.1}),),
         claims=(),
         seeds=(0,),

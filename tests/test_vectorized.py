@@ -243,8 +243,9 @@ def test_growing_batch_accumulates_micro_batches_without_recompiling():
     """Step t averages n(t) micro-batch gradients; sizes change, the program does not."""
     schedule = lambda t: 1 + (t // 3)  # 1, 1, 1, 2, 2, 2, 3
     plan = GrowingBatchPlan(N, 8, 3, schedule)
-    result = _group([0], [0.1], plan=plan, make_tx=lambda hp, a: optax.sgd(hp["lr"]),
-                    steps=7, log_every=7)
+    result = _group(
+        [0], [0.1], plan=plan, make_tx=lambda hp, a: optax.sgd(hp["lr"]), steps=7, log_every=7
+    )
     x, y = _data()
     params, model_state = _init(jax.random.key(0))
     grad = jax.grad(lambda p, b: _loss(p, model_state, b, None)[0])

@@ -35,10 +35,14 @@ def _study(seeds: int, steps: int, batch_size: int, log_every: int):
     return st.Study(
         name="bench",
         claim="overhead",
-        tasks=(st.Task("digits", "digits", "mlp", batch_size=batch_size, steps=steps,
-                       log_every=log_every),),  # fmt: skip
-        methods=(st.Method("sgd", {"optimizer": "momentum", "learning_rate": 0.05,
-                                   "momentum": 0.9}),),  # fmt: skip
+        tasks=(
+            st.Task(
+                "digits", "digits", "mlp", batch_size=batch_size, steps=steps, log_every=log_every
+            ),
+        ),
+        methods=(
+            st.Method("sgd", {"optimizer": "momentum", "learning_rate": 0.05, "momentum": 0.9}),
+        ),
         seeds=tuple(range(seeds)),
         make_tx=lambda spec, ctx: make_optimizer(spec, steps=ctx.steps),
     )
@@ -55,21 +59,35 @@ def _compute_time(study: Any, steps: int) -> float:
     task = study.tasks[0]
     data = st._load(task, 1, {})
     model = make_model(task.model, num_classes=data.dataset.num_classes)
-    make_tx = lambda hp, axis: study.make_tx({**study.methods[0].spec, **hp},
-                                             st.TxContext(task, steps, axis, 10, task.batch_size))  # fmt: skip
+    make_tx = lambda hp, axis: study.make_tx(
+        {**study.methods[0].spec, **hp}, st.TxContext(task, steps, axis, 10, task.batch_size)
+    )
     plan = EpochPlan(len(data.dataset.x_train), task.batch_size)
     layout = _layout(classification_loss(model), make_tx, plan, 1, False)
-    x0 = data.dataset.x_train[:1]
-    state = layout.put_state(init_group_state(jax.jit(lambda k: model.init(k, x0)), make_tx,
-                                              study.seeds, {}))  # fmt: skip
+    x0 = jax.numpy.asarray(data.dataset.x_train[:1])
+    state = layout.put_state(
+        init_group_state(jax.jit(lambda k: model.init(k, x0)), make_tx, study.seeds, {})
+    )
     runs, length = len(study.seeds), task.log_every
     idx = np.stack([plan.indices(s, range(length))["idx"] for s in study.seeds], axis=1)
-    chunk = layout.put_plan({
-        "idx": idx, "n_micro": np.ones((length, runs), np.int32),
-        "active": np.zeros((length, runs, 0), bool), "live": np.ones(length, bool),
-    })  # fmt: skip
+    chunk = layout.put_plan(
+        {
+            "idx": idx,
+            "n_micro": np.ones((length, runs), np.int32),
+            "active": np.zeros((length, runs, 0), bool),
+            "live": np.ones(length, bool),
+        }
+    )
     x, y = layout.put_data(data.dataset.x_train), layout.put_data(data.dataset.y_train)
-    args = (x, y, chunk["idx"], chunk["n_micro"], chunk["active"], chunk["live"], {})
+    args: tuple[Any, ...] = (
+        x,
+        y,
+        chunk["idx"],
+        chunk["n_micro"],
+        chunk["active"],
+        chunk["live"],
+        {},
+    )
     state, metrics = layout.chunk(state, *args)  # compile
     jax.block_until_ready(metrics)
     chunks = -(-steps // length)
@@ -103,10 +121,17 @@ def bench_study_overhead(
                 start = time.perf_counter()
                 st.run_study(study, workdir, progress=False)
                 times.append(time.perf_counter() - start)
-        rows.append({
-            "seeds": seeds, "steps": steps, "compute_s": compute, "cold_s": times[0],
-            "warm_s": times[1], "cold_ratio": times[0] / compute, "warm_ratio": times[1] / compute,
-        })  # fmt: skip
+        rows.append(
+            {
+                "seeds": seeds,
+                "steps": steps,
+                "compute_s": compute,
+                "cold_s": times[0],
+                "warm_s": times[1],
+                "cold_ratio": times[0] / compute,
+                "warm_ratio": times[1] / compute,
+            }
+        )
     return rows
 
 
@@ -116,12 +141,14 @@ def format_study_overhead(rows: Sequence[dict[str, Any]]) -> str:
         f"Study wall time vs training compute (MLP on digits, {rows[0]['steps']} steps per "
         f"run; goal: wall <= {GOAL}x compute):",
         "",
-        "| seeds | compute (s) | study cold (s) | ratio | study warm (s) | ratio | goal met (warm) |",
+        "| seeds | compute (s) | study cold (s) | ratio | study warm (s) | ratio "
+        "| goal met (warm) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['seeds']} | {r['compute_s']:.2f} | {r['cold_s']:.2f} | {r['cold_ratio']:.2f} | "
-            f"{r['warm_s']:.2f} | {r['warm_ratio']:.2f} | {'yes' if r['warm_ratio'] <= GOAL else 'no'} |"
+            f"{r['warm_s']:.2f} | {r['warm_ratio']:.2f} | "
+            f"{'yes' if r['warm_ratio'] <= GOAL else 'no'} |"
         )
     return "\n".join(lines)

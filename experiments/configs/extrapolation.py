@@ -1,6 +1,7 @@
 """Config of the `extrapolation` experiment: a batch-size sweep, SGD vs EXTRAP-SGD and variants.
 
-Command:  python -m experiments run extrapolation [--variant smoke|quick|full] [--config.key=value ...]
+Command:  python -m experiments run extrapolation [--variant smoke|quick|full]
+                                                [--config.key=value ...]
 Runtime:  smoke: seconds (tests). quick: MEASURED on a 2-core CPU: MLP on digits, batch
           sizes 32, 128, 512 and the whole training split, 5 seeds x EPOCHS each, momentum
           SGD with linear scaling, 5 warm-up epochs and cosine decay; gamma_ratio (and the
@@ -36,32 +37,54 @@ def _methods(base: dict[str, Any], noise: tuple[float, ...]) -> dict[str, dict[s
     extrap = {**base, "transform": "extrapolation", "tune": ("gamma_ratio",)}
     return {
         "sgd": {**base, "transform": "none"},
-        "extrap_sgd": {**extrap, "direction": "gradient", "gamma_ratio": 0.1,
-                       "axes": {"gamma_ratio": (0.03, 0.1, 0.3, 1.0)}},
-        "extrap_past": {**extrap, "direction": "past", "gamma_ratio": 0.1,
-                        "axes": {"gamma_ratio": (0.03, 0.1, 0.3)}},
+        "extrap_sgd": {
+            **extrap,
+            "direction": "gradient",
+            "gamma_ratio": 0.1,
+            "axes": {"gamma_ratio": (0.03, 0.1, 0.3, 1.0)},
+        },
+        "extrap_past": {
+            **extrap,
+            "direction": "past",
+            "gamma_ratio": 0.1,
+            "axes": {"gamma_ratio": (0.03, 0.1, 0.3)},
+        },
         # ||N(0, I)|| = sqrt(d): a ratio of ~1/200 makes a noise step about as long as a
         # gradient step of norm ~1 for the 26k-parameter MLP.
-        "extrap_noise": {**extrap, "direction": "noise", "gamma_ratio": noise[1],
-                         "axes": {"gamma_ratio": noise}},
-    }  # fmt: skip
+        "extrap_noise": {
+            **extrap,
+            "direction": "noise",
+            "gamma_ratio": noise[1],
+            "axes": {"gamma_ratio": noise},
+        },
+    }
 
 
 def _claims(small: str, large: str) -> dict[str, Any]:
     claims: dict[str, Any] = {}
     for m in ("extrap_sgd", "extrap_past", "extrap_noise"):
         claims[f"{m}_large"] = {"method": m, "baseline": "sgd", "tasks": (large,)}
-        claims[f"{m}_drop"] = {"method": m, "baseline": "sgd", "over": "task",
-                               "aggregate": "drop", "tasks": (small, large)}  # fmt: skip
+        claims[f"{m}_drop"] = {
+            "method": m,
+            "baseline": "sgd",
+            "over": "task",
+            "aggregate": "drop",
+            "tasks": (small, large),
+        }
     return claims
 
 
 def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
     if variant in ("smoke", "quick"):
         smoke = variant == "smoke"
-        base = {"optimizer": "momentum", "learning_rate": 0.01, "momentum": 0.9,
-                "base_batch_size": 32, "warmup_epochs": 0 if smoke else 5,
-                "schedule": "warmup_cosine"}  # fmt: skip
+        base = {
+            "optimizer": "momentum",
+            "learning_rate": 0.01,
+            "momentum": 0.9,
+            "base_batch_size": 32,
+            "warmup_epochs": 0 if smoke else 5,
+            "schedule": "warmup_cosine",
+        }
         epochs = 1 if smoke else 60
         sizes = {"b32": 32, "b128": 128, "b512": 512, "full": 0}
         if smoke:
@@ -69,29 +92,43 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
         return study_config(
             seeds=(0, 1) if smoke else (0, 1, 2, 3, 4),
             log_every=1 if smoke else 10,
-            tasks={k: {"dataset": "digits", "batch_size": b, "epochs": epochs} for k, b in sizes.items()},
-            method_names=("sgd", "extrap_sgd", "extrap_past") if smoke
+            tasks={
+                k: {"dataset": "digits", "batch_size": b, "epochs": epochs}
+                for k, b in sizes.items()
+            },
+            method_names=("sgd", "extrap_sgd", "extrap_past")
+            if smoke
             else ("sgd", "extrap_sgd", "extrap_past", "extrap_noise"),
             methods=_methods(base, noise=(0.002, 0.005, 0.01)),
             claims=_claims("b32", "full"),
-        )  # fmt: skip
+        )
     if variant == "full":
         # Lin et al. 2020, CIFAR-10 ResNet-20: Nesterov momentum SGD, lr 0.1 per 128
         # examples scaled linearly, 5-epoch warm-up, 300 epochs, x0.1 at 50 % and 75 %,
         # weight decay 1e-4; extrapolation matters before the first decay, where it stops.
         # No data augmentation in this harness (the paper uses crop+flip).
-        base = {"optimizer": "nesterov", "learning_rate": 0.1, "momentum": 0.9,
-                "weight_decay": 1e-4, "base_batch_size": 128, "warmup_epochs": 5,
-                "schedule": "warmup_step", "decay_fractions": (0.5, 0.75), "stop_epoch": 150}  # fmt: skip
+        base = {
+            "optimizer": "nesterov",
+            "learning_rate": 0.1,
+            "momentum": 0.9,
+            "weight_decay": 1e-4,
+            "base_batch_size": 128,
+            "warmup_epochs": 5,
+            "schedule": "warmup_step",
+            "decay_fractions": (0.5, 0.75),
+            "stop_epoch": 150,
+        }
         sizes = {"b128": 128, "b1024": 1024, "b4096": 4096, "b8192": 8192}
         return study_config(
             seeds=(0, 1, 2),
             model="resnet20",
             validation_fraction=0.1,
             log_every=10,
-            tasks={k: {"dataset": "cifar10", "batch_size": b, "epochs": 300} for k, b in sizes.items()},
+            tasks={
+                k: {"dataset": "cifar10", "batch_size": b, "epochs": 300} for k, b in sizes.items()
+            },
             method_names=("sgd", "extrap_sgd", "extrap_past", "extrap_noise"),
             methods=_methods(base, noise=(0.001, 0.002, 0.005)),  # sqrt(d) ~ 520
             claims=_claims("b128", "b8192"),
-        )  # fmt: skip
+        )
     raise ValueError(f"variant must be 'smoke', 'quick' or 'full', got {variant!r}.")

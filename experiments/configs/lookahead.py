@@ -57,11 +57,19 @@ def _sweep(methods: dict[str, Any], names: tuple[str, ...]) -> None:
 
 
 SENSITIVITY = {
-    "la_sgd_lr": {"method": "la_sgd", "baseline": "sgd", "over": "learning_rate",
-                  "aggregate": "sensitivity"},
-    "ml2_sgd_lr": {"method": "ml2_sgd", "baseline": "la_sgd", "over": "learning_rate",
-                   "aggregate": "sensitivity"},
-}  # fmt: skip
+    "la_sgd_lr": {
+        "method": "la_sgd",
+        "baseline": "sgd",
+        "over": "learning_rate",
+        "aggregate": "sensitivity",
+    },
+    "ml2_sgd_lr": {
+        "method": "ml2_sgd",
+        "baseline": "la_sgd",
+        "over": "learning_rate",
+        "aggregate": "sensitivity",
+    },
+}
 
 
 def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
@@ -71,10 +79,13 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
         levels = {"la": ((5, 0.5),), "ml2": ((5, 0.5),) * 2, "ml3": ((5, 0.5),) * 3}
         common = {"schedule": "step", "weight_decay": 5e-4}
         methods = {
-            **_family("sgd", {"optimizer": "momentum", "learning_rate": 0.05, "momentum": 0.9,
-                              **common}, levels),
+            **_family(
+                "sgd",
+                {"optimizer": "momentum", "learning_rate": 0.05, "momentum": 0.9, **common},
+                levels,
+            ),
             **_family("adam", {"optimizer": "adam", "learning_rate": 1e-3, **common}, levels),
-        }  # fmt: skip
+        }
         _sweep(methods, ("sgd", "la_sgd", "ml2_sgd"))
         return study_config(
             seeds=(0, 1) if smoke else (0, 1, 2, 3, 4),
@@ -93,13 +104,20 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
         # 200 epochs, SGD momentum 0.9, lr 0.1, weight decay 5e-4, step decay; k=5 with
         # alpha 0.8 (the official code's default) for Lookahead and the first level of
         # Multilayer Lookahead, alpha 0.5 above it. Adam: lr 1e-3, same weight decay.
-        levels = {"la": ((5, 0.8),), "ml2": ((5, 0.8), (5, 0.5)), "ml3": ((5, 0.8),) + ((5, 0.5),) * 2}
+        levels = {
+            "la": ((5, 0.8),),
+            "ml2": ((5, 0.8), (5, 0.5)),
+            "ml3": ((5, 0.8),) + ((5, 0.5),) * 2,
+        }
         common = {"schedule": "step", "weight_decay": 5e-4}
         methods = {
-            **_family("sgd", {"optimizer": "momentum", "learning_rate": 0.1, "momentum": 0.9,
-                              **common}, levels),
+            **_family(
+                "sgd",
+                {"optimizer": "momentum", "learning_rate": 0.1, "momentum": 0.9, **common},
+                levels,
+            ),
             **_family("adam", {"optimizer": "adam", "learning_rate": 1e-3, **common}, levels),
-        }  # fmt: skip
+        }
         _sweep(methods, ("sgd", "la_sgd", "ml2_sgd"))
         return study_config(
             seeds=(0, 1, 2),

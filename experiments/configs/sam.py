@@ -42,29 +42,53 @@ def _methods(momentum: dict[str, Any], plain: dict[str, Any], sa_sam_lr: float) 
     return {
         "sgd": {**momentum, "transform": "none"},
         "sam": {**momentum, **sam},
-        "asam": {**momentum, "transform": "asam", "rho": 0.5, "adaptive_eps": 0.01,
-                 "axes": {"rho": ASAM_RHOS}, "tune": ("rho",)},
-        "avg_sam": {**momentum, "transform": "average_direction_sam", "sigma": 0.01,
-                    "num_samples": 1, "axes": {"sigma": AVG_SIGMAS}, "tune": ("sigma",)},
+        "asam": {
+            **momentum,
+            "transform": "asam",
+            "rho": 0.5,
+            "adaptive_eps": 0.01,
+            "axes": {"rho": ASAM_RHOS},
+            "tune": ("rho",),
+        },
+        "avg_sam": {
+            **momentum,
+            "transform": "average_direction_sam",
+            "sigma": 0.01,
+            "num_samples": 1,
+            "axes": {"sigma": AVG_SIGMAS},
+            "tune": ("sigma",),
+        },
         "sgd_plain": {**plain, "transform": "none"},
         "sam_plain": {**plain, **sam},
-        "sa_sam": {**plain, "transform": "sa_sam", "learning_rate": sa_sam_lr,
-                   "form": "practical"},
-        "sa_sam_paper": {**plain, "transform": "sa_sam", "learning_rate": sa_sam_lr,
-                         "form": "paper"},
-    }  # fmt: skip
+        "sa_sam": {**plain, "transform": "sa_sam", "learning_rate": sa_sam_lr, "form": "practical"},
+        "sa_sam_paper": {
+            **plain,
+            "transform": "sa_sam",
+            "learning_rate": sa_sam_lr,
+            "form": "paper",
+        },
+    }
 
 
 def _claims() -> dict[str, Any]:
     claims: dict[str, Any] = {}
-    pairs = [("sam", "sgd"), ("asam", "sgd"), ("avg_sam", "sgd"), ("sam_plain", "sgd_plain"),
-             ("sa_sam", "sgd_plain"), ("sa_sam", "sam_plain"), ("sa_sam_paper", "sam_plain")]  # fmt: skip
+    pairs = [
+        ("sam", "sgd"),
+        ("asam", "sgd"),
+        ("avg_sam", "sgd"),
+        ("sam_plain", "sgd_plain"),
+        ("sa_sam", "sgd_plain"),
+        ("sa_sam", "sam_plain"),
+        ("sa_sam_paper", "sam_plain"),
+    ]
     for method, baseline in pairs:
         claims[f"{method}_{baseline}_acc"] = {"method": method, "baseline": baseline}
         claims[f"{method}_{baseline}_eig"] = {
-            "method": method, "baseline": baseline, "metric": "hessian_top_eigenvalue",
+            "method": method,
+            "baseline": baseline,
+            "metric": "hessian_top_eigenvalue",
             "higher_is_better": False,
-        }  # fmt: skip
+        }
     return claims
 
 
@@ -73,8 +97,12 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
         smoke = variant == "smoke"
         # SAM paper protocol scaled down: SGD momentum 0.9, cosine decay, L2 5e-4 in the
         # loss; the momentum-free pair runs at a larger rate (no momentum amplification).
-        momentum = {"optimizer": "momentum", "learning_rate": 0.05, "momentum": 0.9,
-                    "schedule": "cosine"}  # fmt: skip
+        momentum = {
+            "optimizer": "momentum",
+            "learning_rate": 0.05,
+            "momentum": 0.9,
+            "schedule": "cosine",
+        }
         plain = {"optimizer": "sgd", "learning_rate": 0.2, "schedule": "cosine"}
         methods = _methods(momentum, plain, sa_sam_lr=0.2)
         config = study_config(
@@ -90,9 +118,11 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
             methods=methods,
             claims=_claims(),
         )
-        config.sharpness = {"num_examples": 128 if smoke else 512,
-                            "iters": 5 if smoke else 20,
-                            "trace_samples": 2 if smoke else 10}  # fmt: skip
+        config.sharpness = {
+            "num_examples": 128 if smoke else 512,
+            "iters": 5 if smoke else 20,
+            "trace_samples": 2 if smoke else 10,
+        }
         return config
     if variant == "full":
         # The SAM paper's CIFAR protocol (Foret et al. 2021, sec. 3.1): SGD momentum 0.9,
@@ -100,8 +130,12 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
         # 200 epochs; rho grid around 0.05. ASAM's CIFAR-10 setting: rho 0.5, eta 0.01.
         # SA-SAM: initial step size 0.05 (batch 256 in its code; 128 here like the others).
         # WRN-28-10 in the papers, ResNet-20 here; no data augmentation in this harness.
-        momentum = {"optimizer": "momentum", "learning_rate": 0.1, "momentum": 0.9,
-                    "schedule": "cosine"}  # fmt: skip
+        momentum = {
+            "optimizer": "momentum",
+            "learning_rate": 0.1,
+            "momentum": 0.9,
+            "schedule": "cosine",
+        }
         plain = {"optimizer": "sgd", "learning_rate": 0.1, "schedule": "cosine"}
         methods = _methods(momentum, plain, sa_sam_lr=0.05)
         config = study_config(

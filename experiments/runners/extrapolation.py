@@ -52,8 +52,9 @@ def lr_schedule(
         decay = optax.piecewise_constant_schedule(peak, boundaries)
         if not warmup_steps:
             return decay
-        return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup_steps), decay],
-                                    [warmup_steps])  # fmt: skip
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, warmup_steps), decay], [warmup_steps]
+        )
     raise ValueError(f"schedule must be one of {SCHEDULES}, got {kind!r}.")
 
 
@@ -61,8 +62,13 @@ def make_tx(spec: Mapping[str, Any], ctx: st.TxContext) -> optax.GradientTransfo
     """One method at one batch size: the scaled, warmed-up rate; gamma tied to it."""
     per_epoch = max(ctx.steps // max(ctx.task.epochs, 1), 1)
     peak = spec["learning_rate"] * ctx.batch_size / spec["base_batch_size"]
-    lr = lr_schedule(peak, steps=ctx.steps, warmup_steps=spec.get("warmup_epochs", 0) * per_epoch,
-                     kind=spec["schedule"], decay_fractions=spec.get("decay_fractions", ()))  # fmt: skip
+    lr = lr_schedule(
+        peak,
+        steps=ctx.steps,
+        warmup_steps=spec.get("warmup_epochs", 0) * per_epoch,
+        kind=spec["schedule"],
+        decay_fractions=spec.get("decay_fractions", ()),
+    )
     name = spec["optimizer"]
     momentum = None if name == "sgd" else spec.get("momentum", 0.9)
     base = optax.sgd(lr, momentum=momentum, nesterov=name == "nesterov")
@@ -72,9 +78,12 @@ def make_tx(spec: Mapping[str, Any], ctx: st.TxContext) -> optax.GradientTransfo
         return base
     ratio = spec["gamma_ratio"]
     stop = spec.get("stop_epoch", 0) * per_epoch
-    return optlab.extrapolation(base, lambda count: ratio * lr(count),
-                                direction=spec.get("direction", "gradient"),
-                                stop_after=stop or None)  # fmt: skip
+    return optlab.extrapolation(
+        base,
+        lambda count: ratio * lr(count),
+        direction=spec.get("direction", "gradient"),
+        stop_after=stop or None,
+    )
 
 
 def eval_params(state: TrainState) -> Any:
@@ -88,15 +97,27 @@ def _validate(method: st.Method) -> None:
         ("optimizer", spec.get("optimizer") in BASE_OPTIMIZERS, f"one of {BASE_OPTIMIZERS}"),
         ("schedule", spec.get("schedule") in SCHEDULES, f"one of {SCHEDULES}"),
         ("transform", spec.get("transform", "none") in TRANSFORMS, f"one of {TRANSFORMS}"),
-        ("learning_rate", isinstance(spec.get("learning_rate"), float) and spec["learning_rate"] > 0, "> 0"),
-        ("base_batch_size", isinstance(spec.get("base_batch_size"), int) and spec["base_batch_size"] >= 1, ">= 1"),
+        (
+            "learning_rate",
+            isinstance(spec.get("learning_rate"), float) and spec["learning_rate"] > 0,
+            "> 0",
+        ),
+        (
+            "base_batch_size",
+            isinstance(spec.get("base_batch_size"), int) and spec["base_batch_size"] >= 1,
+            ">= 1",
+        ),
         ("warmup_epochs", spec.get("warmup_epochs", 0) >= 0, ">= 0"),
-    ]  # fmt: skip
+    ]
     if spec.get("transform") == "extrapolation":
         checks += [
             ("direction", spec.get("direction", "gradient") in DIRECTIONS, f"one of {DIRECTIONS}"),
-            ("gamma_ratio", all(v >= 0 for v in method.axes.get("gamma_ratio", (spec.get("gamma_ratio", -1),))), ">= 0"),
-        ]  # fmt: skip
+            (
+                "gamma_ratio",
+                all(v >= 0 for v in method.axes.get("gamma_ratio", (spec.get("gamma_ratio", -1),))),
+                ">= 0",
+            ),
+        ]
     for field, ok, allowed in checks:
         if not ok:
             raise ValueError(f"{where}.{field} must be {allowed}, got {spec.get(field)!r}.")

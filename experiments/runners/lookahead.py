@@ -70,13 +70,17 @@ def _validate(method: st.Method) -> None:
         raise ValueError(f"{prefix}: unknown keys {unknown}; known: {list(LOOKAHEAD_KEYS)}.")
     levels = la.get("levels")
     if isinstance(levels, str) or not isinstance(levels, Sequence) or not levels:
-        raise ValueError(f"{prefix}.levels must be ((k, alpha), ...) with >= 1 level, got {levels!r}.")
+        raise ValueError(
+            f"{prefix}.levels must be ((k, alpha), ...) with >= 1 level, got {levels!r}."
+        )
     for i, level in enumerate(levels):
         if isinstance(level, str) or not isinstance(level, Sequence) or len(level) != 2:
             raise ValueError(f"{prefix}.levels[{i}] must be a (k, alpha) pair, got {level!r}.")
     try:  # optlab validates its arguments (and the momentum buffer) at construction / init
         ctx = st.TxContext(None, 1, None, 10)  # type: ignore[arg-type]
-        jax.eval_shape(make_tx(method.spec, ctx).init, {"w": jax.ShapeDtypeStruct((2,), jnp.float32)})
+        jax.eval_shape(
+            make_tx(method.spec, ctx).init, {"w": jax.ShapeDtypeStruct((2,), jnp.float32)}
+        )
     except ValueError as error:
         raise ValueError(f"{prefix}: {error}") from None
 
@@ -95,8 +99,10 @@ def build_study(config: ml_collections.ConfigDict) -> st.Study:
     methods = st.methods_from_config(config)
     for m in methods:
         _validate(m)
-    methods = tuple(m if m.label else st.Method(m.name, m.spec, m.axes, m.tune, describe(m.spec))
-                    for m in methods)  # fmt: skip
+    methods = tuple(
+        m if m.label else st.Method(m.name, m.spec, m.axes, m.tune, describe(m.spec))
+        for m in methods
+    )
     return st.Study(
         name=NAME,
         claim=CLAIM,

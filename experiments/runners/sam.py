@@ -27,8 +27,8 @@ import optax
 
 import optlab
 from experiments import study as st
-from experiments.optimizers import make_optimizer, validate_spec
 from experiments.models import make_model
+from experiments.optimizers import make_optimizer, validate_spec
 from experiments.registry import get_experiment
 
 NAME = "sam"
@@ -41,18 +41,27 @@ def make_tx(spec: Mapping[str, Any], ctx: st.TxContext) -> optax.GradientTransfo
     """The optimizer of one method spec (see ``experiments/configs/sam.py``)."""
     transform = spec.get("transform", "none")
     if transform == "sa_sam":
-        return optlab.sa_sam(spec["learning_rate"], form=spec.get("form", "practical"),
-                             axis_name=ctx.axis_name)  # fmt: skip
+        return optlab.sa_sam(
+            spec["learning_rate"], form=spec.get("form", "practical"), axis_name=ctx.axis_name
+        )
     base = make_optimizer(spec, steps=ctx.steps)
     if transform == "none":  # worker mode: synchronous data parallelism
         return optax.chain(optlab.mean_gradients(ctx.axis_name), base) if ctx.axis_name else base
     if transform in ("sam", "asam"):
-        return optlab.sam(base, rho=spec["rho"], adaptive=transform == "asam",
-                          adaptive_eps=spec.get("adaptive_eps", 0.01), axis_name=ctx.axis_name)  # fmt: skip
+        return optlab.sam(
+            base,
+            rho=spec["rho"],
+            adaptive=transform == "asam",
+            adaptive_eps=spec.get("adaptive_eps", 0.01),
+            axis_name=ctx.axis_name,
+        )
     if transform == "average_direction_sam":
-        return optlab.average_direction_sam(base, sigma=spec["sigma"],
-                                            num_samples=spec.get("num_samples", 1),
-                                            axis_name=ctx.axis_name)  # fmt: skip
+        return optlab.average_direction_sam(
+            base,
+            sigma=spec["sigma"],
+            num_samples=spec.get("num_samples", 1),
+            axis_name=ctx.axis_name,
+        )
     raise ValueError(f"transform must be one of {TRANSFORMS}, got {transform!r}.")
 
 
@@ -60,8 +69,9 @@ def _validate(method: st.Method, task: st.Task) -> None:
     spec = method.spec
     transform = spec.get("transform", "none")
     if transform not in TRANSFORMS:
-        raise ValueError(f"methods.{method.name}.transform must be one of {TRANSFORMS}, "
-                         f"got {transform!r}.")  # fmt: skip
+        raise ValueError(
+            f"methods.{method.name}.transform must be one of {TRANSFORMS}, got {transform!r}."
+        )
     if transform != "sa_sam":
         validate_spec(method.name, spec)
     try:  # optlab validates its own arguments at construction time
@@ -74,17 +84,17 @@ def _validate(method: st.Method, task: st.Task) -> None:
 def sharpness_metrics(config: ml_collections.ConfigDict):
     """The ``final_metrics`` hook: Hessian top eigenvalue and trace of every run."""
     sharp = config.sharpness
+    compiled: dict[str, Any] = {}  # one jitted function per task
 
     def final_metrics(data: st.TaskData, method, spec, params, model_state):
         del method, spec
-        if data.task.name not in final_metrics.models:
+        if data.task.name not in compiled:
             model = make_model(data.task.model, num_classes=data.dataset.num_classes)
-            final_metrics.models[data.task.name] = sharpness_fn(
+            compiled[data.task.name] = sharpness_fn(
                 data, model, sharp.num_examples, sharp.iters, sharp.trace_samples
             )
-        return jax.device_get(final_metrics.models[data.task.name](params, model_state))
+        return jax.device_get(compiled[data.task.name](params, model_state))
 
-    final_metrics.models = {}  # type: ignore[attr-defined]
     return final_metrics
 
 
@@ -104,8 +114,11 @@ def sharpness_fn(data: st.TaskData, model: Any, num_examples: int, iters: int, t
     def one(params, model_state):
         inputs = {**batch, "model_state": model_state}
         key = jax.random.key(0)
-        out = {"hessian_top_eigenvalue": optlab.hessian_top_eigenvalue(
-            loss, params, inputs, key=key, iters=iters)}  # fmt: skip
+        out = {
+            "hessian_top_eigenvalue": optlab.hessian_top_eigenvalue(
+                loss, params, inputs, key=key, iters=iters
+            )
+        }
         if trace_samples:
             out["hessian_trace"] = optlab.hessian_trace(
                 loss, params, inputs, key=jax.random.fold_in(key, 1), num_samples=trace_samples
@@ -115,18 +128,27 @@ def sharpness_fn(data: st.TaskData, model: Any, num_examples: int, iters: int, t
     return jax.jit(jax.vmap(one))
 
 
+def gradients_per_step(spec: Mapping[str, Any]) -> int:
+    """Forward/backward passes per step (average-direction SAM: 1 + its samples)."""
+    transform = spec.get("transform", "none")
+    return GRADIENTS.get(transform, 1 + spec.get("num_samples", 1))
+
+
 def build_study(config: ml_collections.ConfigDict) -> st.Study:
     tasks = st.tasks_from_config(config)
     methods = st.methods_from_config(config)
     for m in methods:
         _validate(m, tasks[0])
     if config.sharpness.num_examples < 1 or config.sharpness.iters < 1:
-        raise ValueError(f"sharpness.num_examples and sharpness.iters must be >= 1, got "
-                         f"{config.sharpness.num_examples}, {config.sharpness.iters}.")  # fmt: skip
+        raise ValueError(
+            f"sharpness.num_examples and sharpness.iters must be >= 1, got "
+            f"{config.sharpness.num_examples}, {config.sharpness.iters}."
+        )
     if config.sharpness.trace_samples < 0:
-        raise ValueError(f"sharpness.trace_samples must be >= 0, got {config.sharpness.trace_samples}.")
-    costs = ", ".join(f"{m.name} {GRADIENTS.get(m.spec.get('transform', 'none'), 1 + m.spec.get('num_samples', 1))}"
-                      for m in methods)  # fmt: skip
+        raise ValueError(
+            f"sharpness.trace_samples must be >= 0, got {config.sharpness.trace_samples}."
+        )
+    costs = ", ".join(f"{m.name} {gradients_per_step(m.spec)}" for m in methods)
     return st.Study(
         name=NAME,
         claim=CLAIM,
@@ -136,8 +158,13 @@ def build_study(config: ml_collections.ConfigDict) -> st.Study:
         make_tx=make_tx,
         claims=st.claims_from_config(config, methods),
         final_metrics=sharpness_metrics(config),
-        table_metrics=("test_accuracy", "val_accuracy", "hessian_top_eigenvalue",
-                       "hessian_trace", "train_loss"),  # fmt: skip
+        table_metrics=(
+            "test_accuracy",
+            "val_accuracy",
+            "hessian_top_eigenvalue",
+            "hessian_trace",
+            "train_loss",
+        ),
         notes=[
             f"Equal steps, not equal compute: gradient evaluations per step: {costs}.",
             "Footing: the same L2 term in every loss (l2 / 2 * ||W||^2 over the kernels, "

@@ -1,9 +1,16 @@
-"""Training harness: the jitted step, the loop, checkpoints and metrics."""
+"""Training harness: vectorized groups of runs, batch plans, the step, checkpoints, metrics."""
 
 from experiments.train.checkpoint import Checkpointer
-from experiments.train.loop import NonFiniteLossError, RunResult, train
 from experiments.train.losses import classification_loss, make_evaluator
 from experiments.train.metrics import MetricsWriter, read_metrics
+from experiments.train.plans import (
+    BatchPlan,
+    ClientSamplingPlan,
+    EpochPlan,
+    GrowingBatchPlan,
+    TaskStreamPlan,
+    WorkerPlan,
+)
 from experiments.train.step import (
     DATA_AXIS,
     CompiledStep,
@@ -13,15 +20,22 @@ from experiments.train.step import (
     make_step_fn,
     make_train_step,
 )
+from experiments.train.vectorized import WORKER_AXIS, GroupResult, train_group
 
 __all__ = [
     "DATA_AXIS",
+    "WORKER_AXIS",
+    "BatchPlan",
     "Checkpointer",
+    "ClientSamplingPlan",
     "CompiledStep",
+    "EpochPlan",
+    "GroupResult",
+    "GrowingBatchPlan",
     "MetricsWriter",
-    "NonFiniteLossError",
-    "RunResult",
+    "TaskStreamPlan",
     "TrainState",
+    "WorkerPlan",
     "classification_loss",
     "init_train_state",
     "make_evaluator",
@@ -29,5 +43,5 @@ __all__ = [
     "make_step_fn",
     "make_train_step",
     "read_metrics",
-    "train",
+    "train_group",
 ]

@@ -69,7 +69,10 @@ class _Stream:
     def __init__(self, pool: np.ndarray, batch_size: int, seed: int, salt: tuple[int, ...]):
         self.pool = np.asarray(pool, np.int64)
         self.batch_size = check_int_in_range(
-            "batch_size", batch_size, min_value=1, max_value=len(self.pool),
+            "batch_size",
+            batch_size,
+            min_value=1,
+            max_value=len(self.pool),
             note=" (the examples this stream draws from)",
         )
         self.seed, self.salt = seed, salt
@@ -97,7 +100,10 @@ class EpochPlan:
     def __init__(self, num_examples: int, batch_size: int):
         self.num_examples = check_int_in_range("num_examples", num_examples, min_value=1)
         self.micro_batch = check_int_in_range(
-            "batch_size", batch_size, min_value=1, max_value=num_examples,
+            "batch_size",
+            batch_size,
+            min_value=1,
+            max_value=num_examples,
             note=" (the training set)",
         )
         self._streams: dict[int, _Stream] = {}
@@ -135,7 +141,10 @@ class WorkerPlan:
         self.partitions = [np.asarray(p, np.int64) for p in partitions]
         self.workers = len(self.partitions)
         self.micro_batch = check_int_in_range(
-            "batch_size", batch_size, min_value=1, max_value=smallest,
+            "batch_size",
+            batch_size,
+            min_value=1,
+            max_value=smallest,
             note=" (the smallest worker partition)",
         )
         self._streams: dict[tuple[int, int], _Stream] = {}
@@ -150,10 +159,7 @@ class WorkerPlan:
 
     def indices(self, seed: int, steps: Sequence[int]) -> dict[str, np.ndarray]:
         idx = np.stack(
-            [
-                np.stack([self._stream(seed, w).batch(s) for w in range(self.workers)])
-                for s in steps
-            ]
+            [np.stack([self._stream(seed, w).batch(s) for w in range(self.workers)]) for s in steps]
         )[:, :, None, :]
         return {"idx": idx.astype(np.int32), "n_micro": np.ones(len(steps), np.int32)}
 
@@ -231,7 +237,10 @@ class TaskStreamPlan:
         self.blocks = [np.asarray(b, np.int64) for b in blocks]
         self.steps_per_task = check_int_in_range("steps_per_task", steps_per_task, min_value=1)
         self.micro_batch = check_int_in_range(
-            "batch_size", batch_size, min_value=1, max_value=min(len(b) for b in self.blocks),
+            "batch_size",
+            batch_size,
+            min_value=1,
+            max_value=min(len(b) for b in self.blocks),
             note=" (the smallest task)",
         )
         self._streams: dict[tuple[int, int], _Stream] = {}
@@ -266,7 +275,10 @@ class ClientSamplingPlan:
         self.max_micro = base.max_micro
         self.micro_batch = base.micro_batch
         self.per_round = check_int_in_range(
-            "per_round", per_round, min_value=1, max_value=base.workers,
+            "per_round",
+            per_round,
+            min_value=1,
+            max_value=base.workers,
             note=" (the number of clients)",
         )
         self.round_steps = check_int_in_range("round_steps", round_steps, min_value=1)

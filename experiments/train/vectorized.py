@@ -192,7 +192,7 @@ class _Layout(NamedTuple):
     chunk: Callable[..., tuple[TrainState, dict[str, jax.Array]]]
     put_state: Callable[[TrainState], TrainState]
     put_plan: Callable[[dict[str, np.ndarray]], dict[str, jax.Array]]
-    put_data: Callable[[np.ndarray], jax.Array]
+    put_data: Callable[[Any], Any]
     worker_axis: AxisName | None
 
 
@@ -243,9 +243,9 @@ def _layout(
             out = step(squeeze(state), x, y, idx[0], n_micro, active, hparams)
             return expand(out)
         name = LOCAL_AXIS if devices > 1 else WORKER_AXIS
-        return jax.vmap(
-            step, in_axes=(0, None, None, 0, None, None, None), axis_name=name
-        )(state, x, y, idx, n_micro, active, hparams)
+        return jax.vmap(step, in_axes=(0, None, None, 0, None, None, None), axis_name=name)(
+            state, x, y, idx, n_micro, active, hparams
+        )
 
     mapped = jax.vmap(per_run, in_axes=(0, None, None, 0, 0, 0, 0))
 
@@ -264,9 +264,7 @@ def _layout(
                 zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape)
                 return carry, zeros
 
-            return jax.lax.cond(
-                on, lambda c: mapped(c, x, y, i, n, a, hparams), skip, carry
-            )
+            return jax.lax.cond(on, lambda c: mapped(c, x, y, i, n, a, hparams), skip, carry)
 
         return jax.lax.scan(scan_step, state, (idx, n_micro, active, live))
 
@@ -348,7 +346,9 @@ def _mesh(devices: int, axis: str) -> jax.sharding.Mesh:
             f"devices must be in [1, {available}] (the devices JAX sees), got {devices}."
         )
     return jax.make_mesh(
-        (devices,), (axis,), axis_types=(jax.sharding.AxisType.Auto,),
+        (devices,),
+        (axis,),
+        axis_types=(jax.sharding.AxisType.Auto,),
         devices=jax.devices()[:devices],
     )
 
@@ -502,8 +502,14 @@ def train_group(
             chunk_dev = layout.put_plan(chunk)
             tick = time.perf_counter()
             state, chunk_metrics = layout.chunk(
-                state, x_dev, y_dev, chunk_dev["idx"], chunk_dev["n_micro"],
-                chunk_dev["active"], chunk_dev["live"], hp_dev,
+                state,
+                x_dev,
+                y_dev,
+                chunk_dev["idx"],
+                chunk_dev["n_micro"],
+                chunk_dev["active"],
+                chunk_dev["live"],
+                hp_dev,
             )
             host_metrics = jax.device_get(chunk_metrics)  # waits for the chunk
             train_time += time.perf_counter() - tick
