@@ -24,7 +24,8 @@ ARGS = [
     "--no-progress",
     "--config.method_names=momentum",
     "--config.seeds=0",
-    "--config.steps=20",
+    "--config.tasks.digits.epochs=0",
+    "--config.tasks.digits.steps=20",
     "--config.log_every=5",
     "--config.eval_every=10",
     "--config.checkpoint_every=10",
@@ -93,5 +94,7 @@ def test_two_processes_equal_one_process_with_the_same_devices(tmp_path):
     two = json.loads((workdir / "results.json").read_text())["runs"][0]
     np.testing.assert_allclose(two["train_loss"], one["train_loss"], rtol=1e-5)
     np.testing.assert_allclose(two["test_loss"], one["test_loss"], rtol=1e-5)
-    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    records = [
+        json.loads(line) for line in (workdir / "digits" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in records] == [5, 10, 15, 20, 20]  # one writer, no duplicates
