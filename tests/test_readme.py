@@ -16,7 +16,8 @@ def _setup_commands() -> list[str]:
 
 def test_setup_is_exactly_two_commands_and_ci_runs_the_test_one():
     install_and_run, install_and_test = _setup_commands()
-    assert install_and_run == "pip install -e . && python -m experiments run lookahead"
+    expected = 'pip install -e ".[experiments]" && python -m experiments run lookahead'
+    assert install_and_run == expected
     assert install_and_test in (REPO / ".ci" / "run").read_text()
     assert "pytest" in install_and_test
 

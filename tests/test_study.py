@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from experiments import results as rs
 from experiments import stats
 from experiments import study as st
 from experiments.optimizers import make_optimizer
@@ -249,8 +250,8 @@ def test_task_claim_drop_and_sensitivity_aggregates():
                     "test_accuracy": v,
                 }
             )
-    selection = st.select(study, records)
-    (verdict,) = st.verdicts(study, records, selection)
+    selection = rs.select(study, records)
+    (verdict,) = rs.verdicts(study, records, selection)
     # adam's spread is far smaller, but its worst accuracy is not worse (0.58 > 0.45) while
     # its mean is worse (0.60 vs 0.68): the guard makes it "did not hold".
     assert verdict["detail"]["outcome"] == stats.HELD
