@@ -39,9 +39,16 @@ import optax
 
 import optlab
 from experiments.bench.baselines import LEARNING_RATE
-from experiments.bench.registry import BenchEntry, register
+from experiments.bench.registry import SGD_NAME, BenchEntry, BenchGoal, register, register_goal
 
-__all__ = ["ALPHA", "LEVELS", "SYNC_PERIOD", "nested_lookahead_params", "nested_optax_lookahead"]
+__all__ = [
+    "ALPHA",
+    "GOALS",
+    "LEVELS",
+    "SYNC_PERIOD",
+    "nested_lookahead_params",
+    "nested_optax_lookahead",
+]
 
 SYNC_PERIOD = 5
 ALPHA = 0.5
@@ -122,3 +129,42 @@ for _levels in LEVELS:
             counterpart=_optax_name,
         )
     )
+
+_SOURCE = "issue #9 item 7"
+GOALS: list[BenchGoal] = []
+for _levels in (2, 3):
+    GOALS.append(
+        register_goal(
+            BenchGoal(
+                name=f"multilayer x{_levels} / optax nested x{_levels}",
+                numerator=OPTLAB_ENTRIES[_levels].name,
+                denominator=OPTAX_ENTRIES[_levels].name,
+                max_ratio=1.0,
+                source=_SOURCE,
+            )
+        )
+    )
+    GOALS.append(
+        register_goal(
+            BenchGoal(
+                name=f"multilayer x{_levels} / optlab.lookahead",
+                numerator=OPTLAB_ENTRIES[_levels].name,
+                denominator=OPTLAB_ENTRIES[1].name,
+                max_ratio=1.2,
+                source=_SOURCE,
+            )
+        )
+    )
+GOALS.append(
+    register_goal(
+        BenchGoal(
+            name="multilayer x3 / sgd",
+            numerator=OPTLAB_ENTRIES[3].name,
+            denominator=SGD_NAME,
+            max_ratio=1.1,
+            part="train_steps",
+            models=("mlp",),
+            source=_SOURCE,
+        )
+    )
+)
