@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -436,6 +437,45 @@ def test_no_recompilation_after_the_first_update():
     for _ in range(13):  # crosses level-1 and level-2 syncs
         params, state = step(params, state)
     assert len(traces) == 1
+
+
+def _copies_by_computation(hlo: str) -> dict[str, list[str]]:
+    """The array copies of a compiled HLO module, by computation name."""
+    out: dict[str, list[str]] = {}
+    for computation in re.split(r"\n(?=%|ENTRY)", hlo):
+        name = computation.split(" ", 1)[0]
+        lines = computation.splitlines()
+        copies = [ln for ln in lines if re.search(r"= f32\[[\d,]+\]\{[\d,]*\} copy\(", ln)]
+        if copies:
+            out[name] = lines
+    return out
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+@pytest.mark.parametrize("momentum", ["keep", "reset"])
+def test_donated_state_is_not_copied(levels, momentum):
+    """Jitted with the state donated (and returned first), the slow weights stay in place.
+
+    The only array copies in the compiled program are the re-anchoring ones (params into a
+    slow tree, inside a branch that does nothing else), so an ordinary step moves no slow
+    weights. A multi-way lax.switch, or conds nested in a cond, make XLA:CPU copy them.
+    """
+    tx = optlab.multilayer_lookahead(
+        optax.sgd(0.1, momentum=0.9), ((3, 0.5),) * levels, momentum=momentum
+    )
+    params = {"w": jnp.ones((64, 32)), "b": jnp.ones(32)}
+
+    def step(grads, state, params):
+        updates, state = tx.update(grads, state, params)
+        return state, updates
+
+    hlo = jax.jit(step, donate_argnums=1).lower(params, tx.init(params), params).compile()
+    copies = _copies_by_computation(hlo.as_text())
+    assert not any(name == "ENTRY" for name in copies), copies.get("ENTRY")
+    for lines in copies.values():
+        ops = {m for ln in lines for m in re.findall(r"= \S+ ([\w-]+)\(", ln)}
+        assert ops <= {"parameter", "get-tuple-element", "copy", "tuple"}, lines
+    assert len(copies) == levels  # one anchoring branch per level
 
 
 # ----------------------------------------------------------------------------------------

@@ -26,8 +26,11 @@ fraction ``5**-d - 5**-(d+1)`` of steps has depth exactly ``d`` (``5**-L`` for `
   2 levels 21.92, 3 levels 38.048 B/param. (optax computes the sync blend on every step,
   reading every copy; that extra traffic shows up as a lower fraction of bandwidth.)
 
-The implementation's own traffic is larger where it copies: optlab re-anchors the slow weights
-to the params at the start of each cycle (an extra read of ``x`` and write per synced level).
+The implementations' own traffic is larger. optlab, on the step after a depth-d sync (the
+first of the new cycles), re-anchors levels 1..d to the params (a read of ``x`` and d
+writes), and XLA:CPU computes the jump ``phi_d' - x`` in a second pass over ``phi_d'`` and
+``x``; its ordinary steps touch no slow weights (two-way ``lax.cond`` per level, with the
+donated state passed through in place).
 """
 
 from __future__ import annotations
