@@ -445,3 +445,17 @@ def test_optlab_lookahead_byte_model_matches_the_arrays_of_a_cycle(levels):
         params, state = optax.apply_updates(params, updates), new_state
     assert total / cycle == pytest.approx(entry.bytes_per_param)
     assert entry.make_params is None
+
+
+def test_idle_state_entry_is_sgd_with_untouched_copies():
+    from experiments.bench.entries_lookahead import IDLE_STATE
+
+    tx, sgd = IDLE_STATE.make(), get_entry(SGD_NAME).make()
+    params = {"w": jnp.arange(3.0), "b": jnp.ones(2)}
+    grads = jax.tree.map(lambda p: 0.5 * p + 1.0, params)
+    state = tx.init(params)
+    updates, new_state = jax.jit(tx.update)(grads, state, params)
+    expected, _ = sgd.update(grads, sgd.init(params), params)
+    jax.tree.map(np.testing.assert_array_equal, updates, expected)
+    assert len(new_state.copies) == 3
+    jax.tree.map(np.testing.assert_array_equal, new_state.copies, (params,) * 3)
