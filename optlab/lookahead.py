@@ -63,18 +63,21 @@ class LookaheadState(NamedTuple):
       cycle_step: fast steps taken since the last top-level sync, in ``[0, k_1 * ... * k_L)``.
       cached_momentum: for ``momentum="pullback"``, the inner optimizer's first-moment
         buffers saved at the previous sync (a tuple with one tree per buffer); else ``()``.
+      count: updates taken so far (int32, saturating at its maximum): the step count at
+        which ``alpha`` schedules are evaluated.
     """
 
     inner_state: optax.OptState
     slow: tuple[PyTree, ...]
     cycle_step: jax.Array
     cached_momentum: tuple[PyTree, ...]
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
 
 
 def lookahead(
     inner: optax.GradientTransformation,
     sync_period: int = 5,
-    alpha: float | jax.Array = 0.5,
+    alpha: float | jax.Array | optax.Schedule = 0.5,
     *,
     momentum: MomentumMode = "keep",
 ) -> optax.GradientTransformationExtraArgs:
@@ -97,13 +100,16 @@ def lookahead(
     ``alpha = 1`` recovers ``inner``; ``sync_period = 1`` is ``inner`` with its update scaled
     by ``alpha`` (for SGD). ``alpha`` may be a traced value, so
     ``optax.inject_hyperparams(optlab.lookahead)(inner, alpha=0.5)`` works without
-    ``static_args``.
+    ``static_args``, or a schedule ``alpha(count)`` of the step count: a sync uses
+    ``alpha(t)`` where ``t`` is the number of updates before this one (0 for the first, as
+    an optax learning-rate schedule sees it), so with ``k = 5`` the syncs use
+    ``alpha(4), alpha(9), ...``. A schedule's values are not range-checked (they are traced).
 
     Args:
       inner: the fast optimizer (any optax transform; extra args such as ``grad_fn`` are
         forwarded to it).
       sync_period: fast steps per slow step, ``k >= 1``.
-      alpha: slow step size in ``[0, 1]``.
+      alpha: slow step size in ``[0, 1]``, or a schedule of the step count returning one.
       momentum: what happens to the inner optimizer's first-moment buffers (``trace`` of
         ``optax.TraceState``, i.e. SGD momentum / Nesterov; ``mu`` of
         ``optax.ScaleByAdamState``, i.e. Adam / AdamW) at a sync, as in the official code's
@@ -134,7 +140,7 @@ def lookahead(
 
 def multilayer_lookahead(
     inner: optax.GradientTransformation,
-    levels: Sequence[tuple[int, float]] = ((5, 0.5), (5, 0.5)),
+    levels: Sequence[tuple[int, float | jax.Array | optax.Schedule]] = ((5, 0.5), (5, 0.5)),
     *,
     momentum: MomentumMode = "keep",
 ) -> optax.GradientTransformationExtraArgs:
@@ -163,7 +169,8 @@ def multilayer_lookahead(
     Args:
       inner: the fast optimizer; extra args are forwarded to it.
       levels: ``((k_1, alpha_1), ..., (k_L, alpha_L))``, bottom (fastest) level first, with
-        integer ``k >= 1`` and ``alpha`` in ``[0, 1]``; at least one level.
+        integer ``k >= 1`` and ``alpha`` in ``[0, 1]`` or a schedule of the step count (see
+        :func:`lookahead`; all levels see the same count); at least one level.
       momentum: first-moment handling at every level-1 sync (every time the fast weights are
         reset), see :func:`lookahead`; ``"pullback"`` uses ``alpha_1``.
 
@@ -243,6 +250,7 @@ def _lookahead_levels(
             slow=tuple(slow),
             cycle_step=jnp.zeros([], jnp.int32),
             cached_momentum=cached,
+            count=jnp.zeros([], jnp.int32),
         )
 
     def update_fn(
@@ -269,6 +277,11 @@ def _lookahead_levels(
         count = state.cycle_step + 1
         synced = depth(count)
 
+        def alpha_at(level: int) -> Any:
+            # Evaluated inside the sync branch: a schedule costs nothing off-sync.
+            alpha = alphas[level]
+            return alpha(state.count) if callable(alpha) else alpha
+
         # A sequence of two-way lax.conds, each writing one slow tree: level l is read and
         # written only on its own anchor and sync steps, and an ordinary step costs what
         # ``inner`` costs plus 2L scalar predicates. With the state donated, the tree an
@@ -286,14 +299,13 @@ def _lookahead_levels(
 
             def sync(operands, level=level):
                 u, below_slow, s, momenta, cached = operands
+                alpha = alpha_at(level)
                 if level == 0:
                     below = jax.tree.map(lambda p, u: p + u.astype(p.dtype), params, u)
-                    momenta, cached = _sync_momentum(momenta, cached, momentum, alphas[0])
+                    momenta, cached = _sync_momentum(momenta, cached, momentum, alpha)
                 else:
                     below = below_slow
-                new = jax.tree.map(
-                    lambda s, b: (s + alphas[level] * (b - s)).astype(s.dtype), s, below
-                )
+                new = jax.tree.map(lambda s, b: (s + alpha * (b - s)).astype(s.dtype), s, below)
                 jump = jax.tree.map(lambda n, p, u: (n - p).astype(u.dtype), new, params, u)
                 return jump, below_slow, new, momenta, cached
 
@@ -316,6 +328,7 @@ def _lookahead_levels(
             slow=tuple(slow),
             cycle_step=(count % top).astype(jnp.int32),
             cached_momentum=cached,
+            count=optax.safe_increment(state.count),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
