@@ -264,10 +264,6 @@ def _lookahead_levels(
                 "lookahead needs params: call update(grads, state, params) (the slow "
                 "weights live in the state; params are the fast weights)."
             )
-        # Levels whose cycle starts now are re-anchored to the current params (this also
-        # follows params moved from outside, e.g. by an outer lookahead, and completes the
-        # reset of the levels below the last sync). ``synced`` levels sync after this fast
-        # step, bottom-up.
         # Levels whose cycle starts now are re-anchored to the current params: this
         # completes the reset of the levels below the last sync and follows params moved
         # from outside (e.g. by an outer lookahead). ``synced`` levels sync after this fast
