@@ -6,6 +6,15 @@ model's own tree: they are the fast weights, and the slow weights of every level
 optimizer state. On a sync step the transform emits the jump ``slow_new - params``.
 :func:`slow_params` returns the weights to evaluate.
 
+Cost: level l's slow weights are read and written only on its own sync steps and on the
+first step of its cycles (where they are re-anchored to the params); an ordinary step costs
+what the inner optimizer costs. This holds when the state is donated to a jitted step that
+returns the new state in the same order as it came in: JAX pairs each donated buffer with
+the first output of the same shape and dtype, so ``jax.jit(tx.update, donate_argnums=1)``
+(which returns ``(updates, state)``) hands the first slow leaf's buffer to the updates and
+every slow tree is then copied on every step. Return ``(state, updates)``, or donate the
+whole train state of a train step that returns its new state first.
+
 References:
   M. R. Zhang, J. Lucas, G. Hinton, J. Ba. *Lookahead Optimizer: k steps forward, 1 step
   back.* NeurIPS 2019. arXiv:1907.08610.
@@ -18,7 +27,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from functools import partial
 from typing import Any, Literal, NamedTuple
 
 import jax
@@ -48,22 +56,28 @@ class LookaheadState(NamedTuple):
     Attributes:
       inner_state: the inner (fast) optimizer's state.
       slow: the slow weights, one params-shaped tree per level, level 1 (fastest) first;
-        ``slow[-1]`` is what :func:`slow_params` returns. Same dtypes as the params.
+        ``slow[-1]`` is what :func:`slow_params` returns. Same dtypes as the params. After a
+        sync of levels 1..d, level d holds the new weights while levels 1..d-1 keep their
+        own interpolation results until the next update, the first step of their new cycles,
+        re-anchors them to the params (a lazy reset); ``slow[-1]`` is always current.
       cycle_step: fast steps taken since the last top-level sync, in ``[0, k_1 * ... * k_L)``.
       cached_momentum: for ``momentum="pullback"``, the inner optimizer's first-moment
         buffers saved at the previous sync (a tuple with one tree per buffer); else ``()``.
+      count: updates taken so far (int32, saturating at its maximum): the step count at
+        which ``alpha`` schedules are evaluated.
     """
 
     inner_state: optax.OptState
     slow: tuple[PyTree, ...]
     cycle_step: jax.Array
     cached_momentum: tuple[PyTree, ...]
+    count: jax.Array  # type: ignore[assignment]  # shadows tuple.count, as in optax
 
 
 def lookahead(
     inner: optax.GradientTransformation,
     sync_period: int = 5,
-    alpha: float | jax.Array = 0.5,
+    alpha: float | jax.Array | optax.Schedule = 0.5,
     *,
     momentum: MomentumMode = "keep",
 ) -> optax.GradientTransformationExtraArgs:
@@ -86,13 +100,16 @@ def lookahead(
     ``alpha = 1`` recovers ``inner``; ``sync_period = 1`` is ``inner`` with its update scaled
     by ``alpha`` (for SGD). ``alpha`` may be a traced value, so
     ``optax.inject_hyperparams(optlab.lookahead)(inner, alpha=0.5)`` works without
-    ``static_args``.
+    ``static_args``, or a schedule ``alpha(count)`` of the step count: a sync uses
+    ``alpha(t)`` where ``t`` is the number of updates before this one (0 for the first, as
+    an optax learning-rate schedule sees it), so with ``k = 5`` the syncs use
+    ``alpha(4), alpha(9), ...``. A schedule's values are not range-checked (they are traced).
 
     Args:
       inner: the fast optimizer (any optax transform; extra args such as ``grad_fn`` are
         forwarded to it).
       sync_period: fast steps per slow step, ``k >= 1``.
-      alpha: slow step size in ``[0, 1]``.
+      alpha: slow step size in ``[0, 1]``, or a schedule of the step count returning one.
       momentum: what happens to the inner optimizer's first-moment buffers (``trace`` of
         ``optax.TraceState``, i.e. SGD momentum / Nesterov; ``mu`` of
         ``optax.ScaleByAdamState``, i.e. Adam / AdamW) at a sync, as in the official code's
@@ -123,7 +140,7 @@ def lookahead(
 
 def multilayer_lookahead(
     inner: optax.GradientTransformation,
-    levels: Sequence[tuple[int, float]] = ((5, 0.5), (5, 0.5)),
+    levels: Sequence[tuple[int, float | jax.Array | optax.Schedule]] = ((5, 0.5), (5, 0.5)),
     *,
     momentum: MomentumMode = "keep",
 ) -> optax.GradientTransformationExtraArgs:
@@ -145,14 +162,15 @@ def multilayer_lookahead(
     params per level). Nesting :func:`lookahead` by hand gives the same trajectory when the
     outer period counts fast steps:
     ``lookahead(lookahead(inner, k1, a1), k1 * k2, a2) == multilayer_lookahead(inner,
-    ((k1, a1), (k2, a2)))``. The sync arithmetic is an elementwise blend fused into one pass
-    over the params, the inner update and the slow copies (no ``lax.cond``: its outputs
-    would be fresh copies of the slow weights on every step anyway).
+    ((k1, a1), (k2, a2)))``. Each level is touched only on its own anchor and sync steps
+    (two-way ``lax.cond``, one per level and phase), so with a donated state (see the
+    module docstring) an ordinary step costs what ``inner`` costs whatever the depth.
 
     Args:
       inner: the fast optimizer; extra args are forwarded to it.
       levels: ``((k_1, alpha_1), ..., (k_L, alpha_L))``, bottom (fastest) level first, with
-        integer ``k >= 1`` and ``alpha`` in ``[0, 1]``; at least one level.
+        integer ``k >= 1`` and ``alpha`` in ``[0, 1]`` or a schedule of the step count (see
+        :func:`lookahead`; all levels see the same count); at least one level.
       momentum: first-moment handling at every level-1 sync (every time the fast weights are
         reset), see :func:`lookahead`; ``"pullback"`` uses ``alpha_1``.
 
@@ -229,9 +247,10 @@ def _lookahead_levels(
         slow = tuple(jax.tree.map(lambda p: jnp.array(p, copy=True), params) for _ in levels)
         return LookaheadState(
             inner_state=inner_state,
-            slow=slow,
+            slow=tuple(slow),
             cycle_step=jnp.zeros([], jnp.int32),
             cached_momentum=cached,
+            count=jnp.zeros([], jnp.int32),
         )
 
     def update_fn(
@@ -245,47 +264,67 @@ def _lookahead_levels(
                 "lookahead needs params: call update(grads, state, params) (the slow "
                 "weights live in the state; params are the fast weights)."
             )
-        # Levels whose cycle starts now are re-anchored to the current params (exact resets
-        # were stored at the last sync; this also follows params moved from outside, e.g. by
-        # an outer lookahead). ``synced`` levels sync after this fast step, bottom-up.
+        # Levels whose cycle starts now are re-anchored to the current params: this
+        # completes the reset of the levels below the last sync and follows params moved
+        # from outside (e.g. by an outer lookahead). ``synced`` levels sync after this fast
+        # step, bottom-up.
         start = depth(state.cycle_step)
         fast_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         count = state.cycle_step + 1
         synced = depth(count)
 
-        # One fused elementwise pass per leaf: jnp.where blends, not lax.cond/switch. The
-        # slow weights must be read and written either way (a conditional's outputs are
-        # fresh buffers), and the blend costs the same on every step with no branch copies.
-        def leaf(p, u, *slows):
-            x_new = p + u.astype(p.dtype)
-            top, below = x_new, x_new
-            anchored = []
-            for level, s in enumerate(slows):
-                s = jnp.where(start > level, p, s)
-                anchored.append(s)
-                below = (s + alphas[level] * (below - s)).astype(s.dtype)
-                top = jnp.where(synced > level, below, top)
-            new_slows = tuple(jnp.where(synced > level, top, s) for level, s in enumerate(anchored))
-            jump = jnp.where(synced > 0, (top - p).astype(u.dtype), u)
-            return jump, new_slows
+        def alpha_at(level: int) -> Any:
+            # Evaluated inside the sync branch: a schedule costs nothing off-sync.
+            alpha = alphas[level]
+            return alpha(state.count) if callable(alpha) else alpha
 
-        leaves_p, treedef = jax.tree.flatten(params)
-        leaves_u = jax.tree.leaves(fast_updates)
-        leaves_s = [jax.tree.leaves(s) for s in state.slow]
-        outs = [leaf(p, u, *ss) for p, u, *ss in zip(leaves_p, leaves_u, *leaves_s, strict=True)]
-        out_updates = jax.tree.unflatten(treedef, [o[0] for o in outs])
-        slow = tuple(
-            jax.tree.unflatten(treedef, [o[1][level] for o in outs]) for level in range(num_levels)
-        )
-        inner_state, cached = _handle_momentum(
-            inner_state, state.cached_momentum, momentum, alphas[0], synced > 0
-        )
+        # A sequence of two-way lax.conds, each writing one slow tree: level l is read and
+        # written only on its own anchor and sync steps, and an ordinary step costs what
+        # ``inner`` costs plus 2L scalar predicates. With the state donated, the tree an
+        # untaken branch passes through stays in its buffer. (XLA:CPU inserts copies of the
+        # passed-through operands, on every step, for a multi-way lax.switch or conds nested
+        # in a cond; tests/test_lookahead.py checks the compiled HLO for copies.)
+        slow = list(state.slow)
+        for level in range(num_levels):
+            slow[level] = jax.lax.cond(start > level, lambda s: params, lambda s: s, slow[level])
+
+        momenta = _get_momenta(inner_state) if momentum != "keep" else ()
+        cached = state.cached_momentum
+        out_updates = fast_updates
+        for level in range(num_levels):
+
+            def sync(operands, level=level):
+                u, below_slow, s, momenta, cached = operands
+                alpha = alpha_at(level)
+                if level == 0:
+                    below = jax.tree.map(lambda p, u: p + u.astype(p.dtype), params, u)
+                    momenta, cached = _sync_momentum(momenta, cached, momentum, alpha)
+                else:
+                    below = below_slow
+                new = jax.tree.map(lambda s, b: (s + alpha * (b - s)).astype(s.dtype), s, below)
+                jump = jax.tree.map(lambda n, p, u: (n - p).astype(u.dtype), new, params, u)
+                return jump, below_slow, new, momenta, cached
+
+            # The levels below this one keep their pre-sync values: the next step starts
+            # their cycles and re-anchors them to the params (= this sync's result).
+            below_slow = slow[level - 1] if level > 0 else ()
+            out_updates, below_slow, slow[level], momenta, cached = jax.lax.cond(
+                synced > level,
+                sync,
+                lambda operands: operands,
+                (out_updates, below_slow, slow[level], momenta, cached),
+            )
+            if level > 0:
+                slow[level - 1] = below_slow
+        if momentum != "keep":
+            inner_state = _set_momenta(inner_state, momenta)
         top = cycle_lengths()[-1]
         return out_updates, LookaheadState(
             inner_state=inner_state,
-            slow=slow,
+            slow=tuple(slow),
             cycle_step=(count % top).astype(jnp.int32),
             cached_momentum=cached,
+            count=optax.safe_increment(state.count),
         )
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
@@ -318,29 +357,19 @@ def _set_momenta(inner_state: PyTree, buffers: Sequence[PyTree]) -> PyTree:
     return jax.tree.unflatten(treedef, new_nodes)
 
 
-def _handle_momentum(
-    inner_state: PyTree, cached: tuple[PyTree, ...], momentum: str, alpha: Any, sync: jax.Array
-) -> tuple[PyTree, tuple[PyTree, ...]]:
-    """Resets or pulls back the first-moment buffers where ``sync`` (a blend, no branch)."""
+def _sync_momentum(
+    buffers: tuple[PyTree, ...], cached: tuple[PyTree, ...], momentum: str, alpha: Any
+) -> tuple[tuple[PyTree, ...], tuple[PyTree, ...]]:
+    """The first-moment buffers (and pullback cache) after a level-1 sync."""
     if momentum == "keep":
-        return inner_state, cached
-    buffers = _get_momenta(inner_state)
+        return buffers, cached
     if momentum == "reset":
-        new = tuple(
-            jax.tree.map(lambda m: jnp.where(sync, jnp.zeros_like(m), m), b) for b in buffers
-        )
-        return _set_momenta(inner_state, new), cached
+        return tuple(jax.tree.map(jnp.zeros_like, b) for b in buffers), cached
     pulled = tuple(
         jax.tree.map(lambda m, c: (alpha * m + (1 - alpha) * c).astype(m.dtype), b, c)
         for b, c in zip(buffers, cached, strict=True)
     )
-    new = tuple(
-        jax.tree.map(partial(jnp.where, sync), p, b) for p, b in zip(pulled, buffers, strict=True)
-    )
-    new_cached = tuple(
-        jax.tree.map(partial(jnp.where, sync), p, c) for p, c in zip(pulled, cached, strict=True)
-    )
-    return _set_momenta(inner_state, new), new_cached
+    return pulled, pulled
 
 
 def slow_params(opt_state: PyTree) -> PyTree:

@@ -16,12 +16,22 @@ import optax
 import pytest
 
 import optlab
-from experiments.bench import SGD_NAME, BenchEntry, Registry, entries, get_entry, main
+from experiments.bench import (
+    SGD_NAME,
+    BenchEntry,
+    BenchGoal,
+    Registry,
+    entries,
+    get_entry,
+    goals,
+    main,
+)
 from experiments.bench.bandwidth import add_in_place, measure_bandwidth
-from experiments.bench.cli import QUICK, parse_args
+from experiments.bench.cli import QUICK, parse_args, select_entries
+from experiments.bench.report import evaluate_goals
 from experiments.bench.timing import interleaved_times
 from experiments.bench.trees import model_like_shapes, model_like_tree, tree_nbytes
-from experiments.bench.updates import bench_updates
+from experiments.bench.updates import bench_updates, make_update_fn
 from experiments.models import param_count
 
 _TINY = [
@@ -95,6 +105,39 @@ def test_main_quick_tiny_writes_every_entry(tmp_path, capsys):
     assert "Memory bandwidth" in table
     assert all(name in table for name in names)
 
+    # Every registered goal has a row per size or model where both entries ran.
+    assert {g["goal"] for g in result["goals"]} == {g.name for g in goals()}
+    for g in result["goals"]:
+        assert _positive_finite(g["ratio"])
+        assert _positive_finite(g["mean_ratio"])
+        assert g["met"] == (g["ratio"] <= g["max_ratio"])
+    assert "Goals:" in table
+    assert all(g.name in table for g in goals())
+
+
+def test_main_only_selects_entries_with_sgd_and_counterparts(tmp_path, capsys):
+    out = tmp_path / "b.json"
+    assert main(["--quick", "--out", str(out), "--only", "multilayer.*x2", *_TINY]) == 0
+    result = json.loads(out.read_text())
+    assert [r["name"] for r in result["updates"]] == [
+        SGD_NAME,
+        "optax.lookahead nested x2",
+        "optlab.multilayer_lookahead x2",
+    ]
+    # Only the goal whose two entries both ran is reported.
+    assert [g["goal"] for g in result["goals"]] == ["multilayer x2 / optax nested x2"]
+    assert main(["--only", "no-such-entry", "--out", str(out)]) == 2
+    assert "matches no entry" in capsys.readouterr().err
+
+
+def test_select_entries_keeps_order_and_rejects_bad_patterns():
+    all_entries = entries()
+    assert select_entries(all_entries, None) == all_entries
+    picked = select_entries(all_entries, ["^optax.adam$"])
+    assert [e.name for e in picked] == [SGD_NAME, "optax.adam"]
+    with pytest.raises(ValueError, match="invalid regular expression"):
+        select_entries(all_entries, ["("])
+
 
 def test_parse_args_quick_and_overrides():
     cfg, out = parse_args(["--quick"])
@@ -104,9 +147,11 @@ def test_parse_args_quick_and_overrides():
     full, _ = parse_args([])
     assert full.sizes == (1_000_000, 10_000_000)
     assert full.models == ("mlp", "cnn")
-    cfg, _ = parse_args(["--sizes", "1M", "2.5k", "300", "--models"])
+    cfg, _ = parse_args(["--sizes", "1M", "2.5k", "300", "--models", "--update-steps", "1"])
     assert cfg.sizes == (1_000_000, 2_500, 300)
     assert cfg.models == ()
+    assert cfg.update_steps_per_rep == 1
+    assert full.update_steps_per_rep == QUICK.update_steps_per_rep == 5
     with pytest.raises(SystemExit):
         parse_args(["--sizes", "0"])
 
@@ -142,6 +187,77 @@ def test_entry_rejects_bad_byte_model(bad):
 def test_entry_rejects_itself_as_counterpart():
     with pytest.raises(ValueError, match="itself"):
         _entry("x", counterpart="x")
+
+
+def test_goals_name_registered_entries_and_a_valid_ratio():
+    registry = Registry()
+    registry.register(_entry("a"))
+    goal = BenchGoal(name="a/b", numerator="a", denominator="b", max_ratio=1.0)
+    with pytest.raises(ValueError, match="names entry 'b', not registered"):
+        registry.register_goal(goal)
+    registry.register(_entry("b"))
+    registry.register_goal(goal)
+    assert registry.goals() == [goal]
+    with pytest.raises(ValueError, match="already registered"):
+        registry.register_goal(goal)
+    for bad in (0.0, -1.0, math.nan, math.inf, True):
+        with pytest.raises(ValueError, match="max_ratio"):
+            BenchGoal(name="g", numerator="a", denominator="b", max_ratio=bad)
+    with pytest.raises(ValueError, match="part"):
+        BenchGoal(name="g", numerator="a", denominator="b", max_ratio=1.0, part="steps")
+    with pytest.raises(ValueError, match="by itself"):
+        BenchGoal(name="g", numerator="a", denominator="a", max_ratio=1.0)
+
+
+def test_evaluate_goals_divides_medians_per_size_and_model():
+    def row(name, t, ts, **extra):
+        return {"name": name, "time_s": t, "step_time_s": t, "times_s": ts, **extra}
+
+    updates = [
+        row("a", 2.0, [2.0, 2.0, 5.0], num_params=1000),
+        row("b", 1.0, [1.0, 1.0, 1.0], num_params=1000),
+        row("a", 3.0, [3.0], num_params=2_000_000),  # no "b" at this size: no row
+    ]
+    train = [row("a", 1.0, [1.0], model="mlp"), row("b", 2.0, [2.0], model="mlp")]
+    train += [row("a", 9.0, [9.0], model="cnn"), row("b", 1.0, [1.0], model="cnn")]
+    gs = [
+        BenchGoal(name="u", numerator="a", denominator="b", max_ratio=1.5),
+        BenchGoal(
+            name="t",
+            numerator="a",
+            denominator="b",
+            max_ratio=1.0,
+            part="train_steps",
+            models=("mlp",),
+        ),
+    ]
+    got = evaluate_goals(gs, updates, train)
+    assert [(g["goal"], g["where"]) for g in got] == [
+        ("u", "1,000 params"),
+        ("t", "mlp train step"),
+    ]
+    assert (got[0]["ratio"], got[0]["mean_ratio"], got[0]["met"]) == (2.0, 3.0, False)
+    assert (got[1]["ratio"], got[1]["met"]) == (0.5, True)
+
+
+def test_update_fn_returns_the_state_first_so_donation_pairs_leaf_by_leaf():
+    # JAX pairs donated inputs with outputs in output order: with the state first, every
+    # state leaf is written back into its own buffer (so a state that passes through, e.g.
+    # Lookahead's slow weights off a sync step, is not copied).
+    entry = get_entry("optlab.multilayer_lookahead x2")
+    tx = entry.make()
+    params = {"w": jnp.ones(64), "b": jnp.zeros(8)}
+    state = tx.init(params)
+    fn = make_update_fn(entry, tx)
+    header = fn.lower(params, state, params).compile().as_text().splitlines()[0]
+    num_grads, num_state = len(jax.tree.leaves(params)), len(jax.tree.leaves(state))
+    for i in range(num_state):  # output i (a state leaf) <- input num_grads + i
+        assert f"{{{i}}}: ({num_grads + i}, {{}}" in header, header
+    slow_leaves = jax.tree.leaves(state.slow)
+    new_state, updates = fn(params, state, params)
+    assert jax.tree.structure(new_state) == jax.tree.structure(state)
+    assert jax.tree.structure(updates) == jax.tree.structure(params)
+    assert all(x.is_deleted() for x in slow_leaves)
 
 
 def test_default_registry_starts_with_the_baselines():
@@ -305,8 +421,10 @@ def _assert_trees_close(a, b):
 @pytest.mark.parametrize("levels", [1, 2, 3])
 def test_optlab_lookahead_byte_model_matches_the_arrays_of_a_cycle(levels):
     # Over one top-level cycle, count per step the arrays the update must touch: it reads
-    # g, and on a sync also x and every slow level that changes; it writes u and the changed
-    # levels. The mean over the cycle is the entry's byte model.
+    # g and writes u; after a step after which levels 1..d sync, it also reads x and those
+    # d levels and writes the d levels. The mean over the cycle is the entry's byte model.
+    # The implementation writes no other level on that step; on the next one (the first of
+    # the new cycles) it re-anchors levels 1..d to x, an overhead the model leaves out.
     from experiments.bench.entries_lookahead import OPTLAB_ENTRIES, SYNC_PERIOD
 
     entry = OPTLAB_ENTRIES[levels]
@@ -314,14 +432,30 @@ def test_optlab_lookahead_byte_model_matches_the_arrays_of_a_cycle(levels):
     params = {"w": jnp.zeros(4)}
     state = tx.init(params)
     update = jax.jit(tx.update)
-    total = 0
+    total, anchored = 0, 0
     cycle = SYNC_PERIOD**levels
-    for _ in range(cycle):
+    for t in range(cycle):
+        depth = sum((t + 1) % SYNC_PERIOD ** (level + 1) == 0 for level in range(levels))
+        total += 4 * (2 + (1 + 2 * depth if depth else 0))  # g, u; x, d levels read + written
         updates, new_state = update({"w": jnp.ones(4)}, state, params)
         pairs = zip(state.slow, new_state.slow, strict=True)
-        changed = sum(not np.array_equal(a["w"], b["w"]) for a, b in pairs)
-        arrays = 2 + (1 + 2 * changed if changed else 0)  # g, u; x, levels read + written
-        total += 4 * arrays
+        changed = [not np.array_equal(a["w"], b["w"]) for a, b in pairs]
+        assert not any(changed[max(depth, anchored) :]), (t, changed)
+        anchored = depth
         params, state = optax.apply_updates(params, updates), new_state
     assert total / cycle == pytest.approx(entry.bytes_per_param)
     assert entry.make_params is None
+
+
+def test_idle_state_entry_is_sgd_with_untouched_copies():
+    from experiments.bench.entries_lookahead import IDLE_STATE
+
+    tx, sgd = IDLE_STATE.make(), get_entry(SGD_NAME).make()
+    params = {"w": jnp.arange(3.0), "b": jnp.ones(2)}
+    grads = jax.tree.map(lambda p: 0.5 * p + 1.0, params)
+    state = tx.init(params)
+    updates, new_state = jax.jit(tx.update)(grads, state, params)
+    expected, _ = sgd.update(grads, sgd.init(params), params)
+    jax.tree.map(np.testing.assert_array_equal, updates, expected)
+    assert len(new_state.copies) == 3
+    jax.tree.map(np.testing.assert_array_equal, new_state.copies, (params,) * 3)

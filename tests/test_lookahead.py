@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -66,7 +67,10 @@ class _NumpyAdam:
 
 
 def reference_lookahead(x0, grad, inner, levels, momentum, steps):
-    """Multilayer Lookahead from the recursive definition (ALGORITHMS.md 1.2-1.3)."""
+    """Multilayer Lookahead from the recursive definition (ALGORITHMS.md 1.2-1.3).
+
+    An ``alpha`` may be a function of the step count ``t`` (updates before this one).
+    """
     x = x0.copy()
     slow = [x0.copy() for _ in levels]
     state = inner.init(x0)
@@ -79,6 +83,7 @@ def reference_lookahead(x0, grad, inner, levels, momentum, steps):
         for level, (_, alpha) in enumerate(levels):
             if c % cycles[level]:
                 break
+            alpha = alpha(t) if callable(alpha) else alpha  # t updates came before this one
             below = x if level == 0 else slow[level - 1]
             slow[level] = slow[level] + alpha * (below - slow[level])
             for j in range(level):
@@ -88,7 +93,7 @@ def reference_lookahead(x0, grad, inner, levels, momentum, steps):
             if momentum == "reset":
                 state["m"] = np.zeros_like(x)
             else:  # pullback
-                alpha = levels[0][1]
+                alpha = levels[0][1](t) if callable(levels[0][1]) else levels[0][1]
                 state["m"] = alpha * state["m"] + (1 - alpha) * cached
                 cached = state["m"].copy()
         xs.append(x.copy())
@@ -347,6 +352,107 @@ def test_inject_hyperparams_traced_alpha_without_static_args(rng, x64):
     assert np.all(np.isfinite(updates["w"]))
 
 
+def _schedule_levels():
+    """Two levels whose alphas change with the step count (traced count -> float64 alpha).
+
+    Written with jnp rather than ``optax.linear_schedule``, which computes in float32 even
+    under x64 and would not match the float64 reference to 1e-12.
+    """
+    return (
+        (2, lambda count: 0.2 + 0.7 * jnp.minimum(count, 30) / 30),
+        (3, lambda count: 0.3 + 0.4 * (count % 2)),
+    )
+
+
+def _numpy_schedule_levels():
+    """The same schedules written with plain NumPy for the reference loop."""
+    return ((2, lambda t: 0.2 + 0.7 * min(t, 30) / 30), (3, lambda t: 0.3 + 0.4 * (t % 2)))
+
+
+@pytest.mark.parametrize("momentum", ["keep", "pullback"])
+def test_alpha_schedules_match_reference_loop(momentum, rng, x64):
+    steps = 40
+    a, b, noise, x0 = _problem(rng, steps)
+
+    def grad(t, x):
+        return a @ x - b + noise[t]
+
+    ref_x, ref_slow = reference_lookahead(
+        x0, grad, _NumpyMomentum(LR, 0.9), _numpy_schedule_levels(), momentum, steps
+    )
+    tx = optlab.multilayer_lookahead(
+        optax.sgd(LR, momentum=0.9), _schedule_levels(), momentum=momentum
+    )
+    xs, slows, state = run_optlab(tx, x0, grad, steps)
+    np.testing.assert_allclose(xs, ref_x, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(slows, ref_slow, rtol=1e-12, atol=1e-12)
+    assert int(state.count) == steps
+    # The schedules did change the result (the test is not vacuous).
+    const = run_optlab(
+        optlab.multilayer_lookahead(
+            optax.sgd(LR, momentum=0.9), ((2, 0.2), (3, 0.3)), momentum=momentum
+        ),
+        x0,
+        grad,
+        steps,
+    )
+    assert not np.allclose(const[0], xs)
+
+
+def test_constant_schedule_equals_constant_alpha(rng, x64):
+    steps = 21
+    a, b, noise, x0 = _problem(rng, steps)
+
+    def grad(t, x):
+        return a @ x - b + noise[t]
+
+    plain = run_optlab(optlab.lookahead(optax.sgd(LR, 0.9), 4, 0.7), x0, grad, steps)
+    scheduled = run_optlab(
+        optlab.lookahead(optax.sgd(LR, 0.9), 4, optax.constant_schedule(0.7)), x0, grad, steps
+    )
+    np.testing.assert_array_equal(plain[0], scheduled[0])
+    np.testing.assert_array_equal(plain[1], scheduled[1])
+
+
+def test_alpha_schedule_agrees_with_inject_hyperparams(rng, x64):
+    # inject_hyperparams evaluates a schedule at its own count (updates before this one)
+    # and passes the value in: the same count as a schedule handed to lookahead directly.
+    steps = 24
+    a, b, noise, x0 = _problem(rng, steps)
+
+    def grad(t, x):
+        return a @ x - b + noise[t]
+
+    schedule = optax.linear_schedule(0.1, 0.9, transition_steps=steps)
+    direct = run_optlab(optlab.lookahead(optax.sgd(LR, 0.9), 3, schedule), x0, grad, steps)
+    injected = run_optlab(
+        optax.inject_hyperparams(optlab.lookahead)(optax.sgd(LR, 0.9), 3, alpha=schedule),
+        x0,
+        grad,
+        steps,
+    )
+    np.testing.assert_allclose(direct[0], injected[0], rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(direct[1], injected[1], rtol=1e-12, atol=1e-12)
+
+
+def test_alpha_schedule_is_evaluated_only_when_a_level_syncs():
+    seen = []
+
+    def schedule(count):
+        jax.debug.callback(lambda c: seen.append(int(c)), count)
+        return 0.5
+
+    tx = optlab.multilayer_lookahead(optax.sgd(0.1), ((2, schedule), (3, 0.5)))
+    params = {"w": jnp.ones(2)}
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    for _ in range(7):
+        updates, state = update({"w": jnp.ones(2)}, state, params)
+        jax.block_until_ready(updates)
+        params = optax.apply_updates(params, updates)
+    assert seen == [1, 3, 5]  # level-1 syncs after updates 2, 4, 6 (counts 1, 3, 5)
+
+
 def test_extra_args_reach_the_inner_optimizer():
     seen = {}
 
@@ -436,6 +542,45 @@ def test_no_recompilation_after_the_first_update():
     for _ in range(13):  # crosses level-1 and level-2 syncs
         params, state = step(params, state)
     assert len(traces) == 1
+
+
+def _copies_by_computation(hlo: str) -> dict[str, list[str]]:
+    """The array copies of a compiled HLO module, by computation name."""
+    out: dict[str, list[str]] = {}
+    for computation in re.split(r"\n(?=%|ENTRY)", hlo):
+        name = computation.split(" ", 1)[0]
+        lines = computation.splitlines()
+        copies = [ln for ln in lines if re.search(r"= f32\[[\d,]+\]\{[\d,]*\} copy\(", ln)]
+        if copies:
+            out[name] = lines
+    return out
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+@pytest.mark.parametrize("momentum", ["keep", "reset"])
+def test_donated_state_is_not_copied(levels, momentum):
+    """Jitted with the state donated (and returned first), the slow weights stay in place.
+
+    The only array copies in the compiled program are the re-anchoring ones (params into a
+    slow tree, inside a branch that does nothing else), so an ordinary step moves no slow
+    weights. A multi-way lax.switch, or conds nested in a cond, make XLA:CPU copy them.
+    """
+    tx = optlab.multilayer_lookahead(
+        optax.sgd(0.1, momentum=0.9), ((3, 0.5),) * levels, momentum=momentum
+    )
+    params = {"w": jnp.ones((64, 32)), "b": jnp.ones(32)}
+
+    def step(grads, state, params):
+        updates, state = tx.update(grads, state, params)
+        return state, updates
+
+    hlo = jax.jit(step, donate_argnums=1).lower(params, tx.init(params), params).compile()
+    copies = _copies_by_computation(hlo.as_text())
+    assert not any(name == "ENTRY" for name in copies), copies.get("ENTRY")
+    for lines in copies.values():
+        ops = {m for ln in lines for m in re.findall(r"= \S+ ([\w-]+)\(", ln)}
+        assert ops <= {"parameter", "get-tuple-element", "copy", "tuple"}, lines
+    assert len(copies) == levels  # one anchoring branch per level
 
 
 # ----------------------------------------------------------------------------------------

@@ -217,3 +217,122 @@ def test_typed_and_raw_keys_give_the_same_estimates(rng):
     np.testing.assert_array_equal(np.asarray(raw), np.asarray(typed))
     eager = optlab.hessian_trace(loss, params, batch, key=jax.random.PRNGKey(3), num_samples=3)
     np.testing.assert_allclose(eager, typed[1], rtol=1e-12)
+
+
+# --- unroll ---------------------------------------------------------------------------------
+
+
+def _conv_problem(rng):
+    """A tiny 1-D convolutional regression, so the products include convolution gradients."""
+    x = jnp.asarray(rng.normal(size=(6, 9, 2)))
+    params = {
+        "kernel": jnp.asarray(0.5 * rng.normal(size=(3, 2, 3))),
+        "head": jnp.asarray(rng.normal(size=3)),
+    }
+
+    def loss(p, x):
+        h = jax.lax.conv_general_dilated(
+            x, p["kernel"], (1,), "SAME", dimension_numbers=("NWC", "WIO", "NWC")
+        )
+        return jnp.mean((jnp.tanh(h) @ p["head"] - 1.0) ** 2)
+
+    return loss, params, x
+
+
+def _dense_problem(rng):
+    x = jnp.asarray(rng.normal(size=(12, 3)))
+    params = {"w": jnp.asarray(rng.normal(size=(3, 4))), "v": jnp.asarray(rng.normal(size=4))}
+
+    def loss(p, x):
+        return jnp.mean((jnp.tanh(x @ p["w"]) @ p["v"] - 1.0) ** 2)
+
+    return loss, params, x
+
+
+def _product_loops(fn, *args):
+    """``(length, unroll)`` of every scan (the fori_loop over the products) in fn's jaxpr."""
+    eqns = jax.make_jaxpr(fn)(*args).jaxpr.eqns
+    return [(e.params["length"], e.params["unroll"]) for e in eqns if e.primitive.name == "scan"]
+
+
+@pytest.mark.usefixtures("x64")
+@pytest.mark.parametrize("make_problem", [_conv_problem, _dense_problem])
+def test_every_unroll_setting_gives_the_same_result(make_problem, rng):
+    loss, params, x = make_problem(rng)
+    key = jax.random.key(3)
+    results = []
+    for unroll in (None, False, 1, 2, 3, True):
+
+        @jax.jit
+        def measure(p, x, unroll=unroll):
+            lam, v = optlab.hessian_top_eigenvalue(
+                loss, p, x, key=key, iters=7, return_vector=True, unroll=unroll
+            )
+            trace = optlab.hessian_trace(loss, p, x, key=key, num_samples=5, unroll=unroll)
+            return lam, v, trace
+
+        results.append(measure(params, x))
+    for lam, v, trace in results[1:]:
+        np.testing.assert_allclose(lam, results[0][0], rtol=1e-13)
+        np.testing.assert_allclose(trace, results[0][2], rtol=1e-13)
+        for a, b in zip(jax.tree.leaves(v), jax.tree.leaves(results[0][1]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+def test_unroll_is_passed_to_the_product_loop(rng):
+    loss, params, x = _dense_problem(rng)
+    key = jax.random.key(0)
+
+    def top(unroll):
+        return _product_loops(
+            lambda p, x: optlab.hessian_top_eigenvalue(loss, p, x, key=key, iters=9, unroll=unroll),
+            params,
+            x,
+        )
+
+    assert top(True) == [(8, 8)]
+    assert top(False) == top(1) == [(8, 1)]
+    assert top(4) == [(8, 4)]
+    trace = _product_loops(
+        lambda p, x: optlab.hessian_trace(loss, p, x, key=key, num_samples=6, unroll=3), params, x
+    )
+    assert trace == [(6, 3)]
+
+
+@pytest.mark.skipif(jax.default_backend() != "cpu", reason="the automatic rule is CPU-only")
+def test_auto_unroll_unrolls_convolutions_on_cpu_up_to_the_limit(rng):
+    from optlab.sharpness import AUTO_UNROLL_MAX_PRODUCTS as limit
+
+    key = jax.random.key(0)
+    conv_loss, conv_params, conv_x = _conv_problem(rng)
+    dense_loss, dense_params, dense_x = _dense_problem(rng)
+
+    def trace_loops(loss, params, x, n):
+        return _product_loops(
+            lambda p, x: optlab.hessian_trace(loss, p, x, key=key, num_samples=n), params, x
+        )
+
+    def top_loops(loss, params, x, n):
+        return _product_loops(
+            lambda p, x: optlab.hessian_top_eigenvalue(loss, p, x, key=key, iters=n), params, x
+        )
+
+    # Convolutions: fully unrolled up to the limit (also when the loss sits inside a jit).
+    assert top_loops(conv_loss, conv_params, conv_x, 20) == [(19, 19)]
+    assert trace_loops(conv_loss, conv_params, conv_x, limit) == [(limit, limit)]
+    assert trace_loops(conv_loss, conv_params, conv_x, limit + 1) == [(limit + 1, 1)]
+    jitted = jax.jit(lambda p, x: conv_loss(p, x))
+    assert trace_loops(jitted, conv_params, conv_x, 4) == [(4, 4)]
+    # No convolution: the loop stays rolled.
+    assert top_loops(dense_loss, dense_params, dense_x, 20) == [(19, 1)]
+    assert trace_loops(dense_loss, dense_params, dense_x, 4) == [(4, 1)]
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.5, "yes"])
+@pytest.mark.parametrize("fn", ["hessian_top_eigenvalue", "hessian_trace"])
+def test_bad_unroll_raises_naming_the_argument(fn, bad):
+    def loss(p, b):
+        return jnp.sum(p**2)
+
+    with pytest.raises(ValueError, match=r"unroll must be an integer >= 1 \(or True / False"):
+        getattr(optlab, fn)(loss, jnp.ones(2), None, key=jax.random.key(0), unroll=bad)

@@ -7,7 +7,12 @@ Everything is measured side by side in one process, repetitions interleaved roun
     parameters), as time, achieved GB/s from the entry's byte model, fraction of (a), ratio
     to ``optax.sgd`` and to the entry's counterpart, and optimizer-state bytes;
 (c) the full jitted train step of every entry on the MLP and the CNN (digits, batch 128),
-    relative to plain SGD.
+    relative to plain SGD;
+(d) the registered goals (:class:`BenchGoal`: a target ratio between two entries, e.g.
+    Multilayer Lookahead against nested ``optax.lookahead``), goal against measured.
+
+``--only REGEX`` restricts (b) and (c) to the matching entries (plus ``optax.sgd`` and
+their counterparts), e.g. ``python -m experiments bench --only lookahead``.
 
 To benchmark a new transform, add ``experiments/bench/entries_<topic>.py`` that calls
 :func:`register` with a :class:`BenchEntry` (document its byte model as ``baselines.py``
@@ -24,19 +29,32 @@ from experiments.bench import (
     entries_sam,  # optlab.sam/ASAM vs optax.contrib.sam, extrap_sgd, past, sa_sam
 )
 from experiments.bench.cli import BenchConfig, main, run_bench
-from experiments.bench.registry import SGD_NAME, BenchEntry, Registry, entries, get_entry, register
+from experiments.bench.registry import (
+    SGD_NAME,
+    BenchEntry,
+    BenchGoal,
+    Registry,
+    entries,
+    get_entry,
+    goals,
+    register,
+    register_goal,
+)
 
 __all__ = [
     "SGD_NAME",
     "BenchConfig",
     "BenchEntry",
+    "BenchGoal",
     "Registry",
     "baselines",
     "entries",
     "entries_lookahead",
     "entries_sam",
     "get_entry",
+    "goals",
     "main",
     "register",
+    "register_goal",
     "run_bench",
 ]

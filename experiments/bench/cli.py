@@ -11,14 +11,14 @@ from collections.abc import Sequence
 from typing import Any
 
 from experiments.bench.bandwidth import measure_bandwidth
-from experiments.bench.registry import BenchEntry, entries
-from experiments.bench.report import format_report, machine_info, write_json
+from experiments.bench.registry import SGD_NAME, BenchEntry, BenchGoal, entries, goals
+from experiments.bench.report import evaluate_goals, format_report, machine_info, write_json
 from experiments.bench.timing import progress
 from experiments.bench.train_steps import bench_train_steps
 from experiments.bench.updates import bench_updates
 from experiments.models import model_names
 
-__all__ = ["BenchConfig", "main", "parse_args", "run_bench"]
+__all__ = ["BenchConfig", "main", "parse_args", "run_bench", "select_entries"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +27,9 @@ class BenchConfig:
 
     Attributes:
       sizes: approximate parameter counts of the update benchmark.
-      reps: timed repetitions per entry and size in the update benchmark.
+      reps: timed samples per entry and size in the update benchmark.
+      update_steps_per_rep: consecutive updates per timed sample (5: every sample holds one
+        sync of the period-5 Lookahead entries, so they are timed at their average cost).
       copy_mib: size of the array copied to measure memory bandwidth.
       copy_reps: timed repetitions of the copy.
       models: models of the train-step benchmark (empty: skip it).
@@ -39,6 +41,7 @@ class BenchConfig:
 
     sizes: tuple[int, ...] = (1_000_000, 10_000_000)
     reps: int = 50
+    update_steps_per_rep: int = 5
     copy_mib: float = 512.0
     copy_reps: int = 10
     models: tuple[str, ...] = ("mlp", "cnn")
@@ -98,6 +101,15 @@ def _parser() -> argparse.ArgumentParser:
         help="1M parameters only and fewer repetitions (well under a minute)",
     )
     p.add_argument("--out", default="bench.json", help="JSON output path (default: %(default)s)")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="REGEX",
+        help=(
+            "measure only the entries whose name matches one of these regular expressions "
+            "(re.search), plus optax.sgd and their counterparts; e.g. --only lookahead"
+        ),
+    )
     over = p.add_argument_group("overrides (default: the --quick or full setting)")
     over.add_argument(
         "--sizes",
@@ -106,7 +118,10 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="update-benchmark parameter counts, e.g. 1M 10M",
     )
-    over.add_argument("--reps", type=_positive_int, help="update repetitions per entry")
+    over.add_argument("--reps", type=_positive_int, help="update samples per entry")
+    over.add_argument(
+        "--update-steps", type=_positive_int, help="consecutive updates per update sample"
+    )
     over.add_argument("--copy-mib", type=_positive_float, help="bandwidth copy size in MiB")
     over.add_argument("--copy-reps", type=_positive_int, help="bandwidth copy repetitions")
     over.add_argument(
@@ -123,13 +138,15 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, str]:
-    """``(config, out_path)`` from command-line arguments."""
-    args = _parser().parse_args(argv)
+    """``(config, out_path)`` from command-line arguments (``--only``: see :func:`main`)."""
+    args = _parse(argv)
     cfg = QUICK if args.quick else BenchConfig()
     overrides: dict[str, Any] = {}
     for field in ("reps", "copy_mib", "copy_reps", "train_reps", "steps_per_rep", "batch_size"):
         if getattr(args, field) is not None:
             overrides[field] = getattr(args, field)
+    if args.update_steps is not None:
+        overrides["update_steps_per_rep"] = args.update_steps
     if args.sizes is not None:
         overrides["sizes"] = tuple(args.sizes)
     if args.models is not None:
@@ -137,8 +154,42 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, str]:
     return dataclasses.replace(cfg, **overrides), args.out
 
 
-def run_bench(cfg: BenchConfig, bench_entries: Sequence[BenchEntry]) -> dict[str, Any]:
-    """Runs the three measurements and returns the JSON-ready result."""
+def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
+    return _parser().parse_args(argv)
+
+
+def select_entries(
+    bench_entries: Sequence[BenchEntry], patterns: Sequence[str] | None
+) -> list[BenchEntry]:
+    """The entries matching one of ``patterns``, with :data:`SGD_NAME` and their counterparts.
+
+    ``None`` keeps every entry. Registration order is kept.
+
+    Raises:
+      ValueError: a pattern is not a valid regular expression, or nothing matches.
+    """
+    if patterns is None:
+        return list(bench_entries)
+    try:
+        compiled = [re.compile(p) for p in patterns]
+    except re.error as error:
+        raise ValueError(f"--only: invalid regular expression: {error}") from None
+    wanted = {e.name for e in bench_entries if any(c.search(e.name) for c in compiled)}
+    if not wanted:
+        known = ", ".join(repr(e.name) for e in bench_entries)
+        raise ValueError(f"--only {' '.join(patterns)} matches no entry; registered: {known}")
+    by_name = {e.name: e for e in bench_entries}
+    wanted |= {c for n in wanted if (c := by_name[n].counterpart) is not None}
+    wanted.add(SGD_NAME)
+    return [e for e in bench_entries if e.name in wanted]
+
+
+def run_bench(
+    cfg: BenchConfig,
+    bench_entries: Sequence[BenchEntry],
+    bench_goals: Sequence[BenchGoal] = (),
+) -> dict[str, Any]:
+    """Runs the three measurements, evaluates the goals, returns the JSON-ready result."""
     start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -149,7 +200,13 @@ def run_bench(cfg: BenchConfig, bench_entries: Sequence[BenchEntry]) -> dict[str
 
     progress(f"updates: {len(bench_entries)} entries, sizes {list(cfg.sizes)}, {cfg.reps} reps")
     t0 = time.perf_counter()
-    updates = bench_updates(bench_entries, cfg.sizes, reps=cfg.reps, bandwidth_gbs=bw.gbs)
+    updates = bench_updates(
+        bench_entries,
+        cfg.sizes,
+        reps=cfg.reps,
+        bandwidth_gbs=bw.gbs,
+        steps_per_rep=cfg.update_steps_per_rep,
+    )
     timings["updates_s"] = time.perf_counter() - t0
 
     progress(f"train steps: models {list(cfg.models)}, {cfg.train_reps} samples")
@@ -171,6 +228,7 @@ def run_bench(cfg: BenchConfig, bench_entries: Sequence[BenchEntry]) -> dict[str
         "bandwidth": dataclasses.asdict(bw),
         "updates": updates,
         "train_steps": train,
+        "goals": evaluate_goals(bench_goals, updates, train),
         "timings": timings,
         "elapsed_s": time.perf_counter() - start,
     }
@@ -179,11 +237,15 @@ def run_bench(cfg: BenchConfig, bench_entries: Sequence[BenchEntry]) -> dict[str
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m experiments bench``; returns the process exit code."""
     cfg, out = parse_args(argv)
-    bench_entries = entries()
+    try:
+        bench_entries = select_entries(entries(), _parse(argv).only)
+    except ValueError as error:
+        print(error, file=sys.stderr)
+        return 2
     if not bench_entries:
         print("no bench entries are registered", file=sys.stderr)
         return 1
-    result = run_bench(cfg, bench_entries)
+    result = run_bench(cfg, bench_entries, goals())
     print(format_report(result), flush=True)
     path = write_json(result, out)
     progress(f"wrote {path}")

@@ -27,12 +27,16 @@ from typing import Any
 import optax
 
 __all__ = [
+    "GOAL_PARTS",
     "SGD_NAME",
     "BenchEntry",
+    "BenchGoal",
     "Registry",
     "entries",
     "get_entry",
+    "goals",
     "register",
+    "register_goal",
 ]
 
 SGD_NAME = "optax.sgd"
@@ -93,15 +97,65 @@ class BenchEntry:
             raise ValueError(f"BenchEntry.make_params must be callable, got {self.make_params!r}")
 
 
-class Registry:
-    """An ordered collection of :class:`BenchEntry` with unique names.
+GOAL_PARTS = ("updates", "train_steps")
 
-    The module-level :func:`register` / :func:`entries` use one default instance; tests build
-    their own so they never change what the real benchmark measures.
+
+@dataclasses.dataclass(frozen=True)
+class BenchGoal:
+    """A target time ratio between two entries, reported next to the measured ratio.
+
+    Goals are printed and recorded, never asserted (no timing thresholds in tests): the
+    report shows, for every size (``updates``) or model (``train_steps``) where both entries
+    were measured, ``median time of numerator / median time of denominator`` against
+    ``max_ratio``.
+
+    Attributes:
+      name: short label, e.g. ``"multilayer x3 vs optax nested x3"``.
+      numerator: entry whose time is divided.
+      denominator: entry it is divided by.
+      max_ratio: the goal, a finite number > 0 (met when measured <= max_ratio).
+      part: ``"updates"`` (the update benchmark) or ``"train_steps"``.
+      models: for ``train_steps``, the models it applies to (``None``: all).
+      source: where the goal comes from (an issue item), for the reader.
+    """
+
+    name: str
+    numerator: str
+    denominator: str
+    max_ratio: float
+    part: str = "updates"
+    models: tuple[str, ...] | None = None
+    source: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name.strip():
+            raise ValueError(f"BenchGoal.name must be a non-empty string, got {self.name!r}")
+        if self.part not in GOAL_PARTS:
+            raise ValueError(
+                f"BenchGoal.part must be one of {GOAL_PARTS}, got {self.part!r} "
+                f"(goal {self.name!r})"
+            )
+        r = self.max_ratio
+        finite_positive = isinstance(r, int | float) and math.isfinite(r) and r > 0
+        if isinstance(r, bool) or not finite_positive:
+            raise ValueError(
+                f"BenchGoal.max_ratio must be a finite number > 0, got {r!r} (goal {self.name!r})"
+            )
+        if self.numerator == self.denominator:
+            raise ValueError(f"BenchGoal {self.name!r} divides an entry by itself")
+
+
+class Registry:
+    """An ordered collection of :class:`BenchEntry` with unique names, and goals over them.
+
+    The module-level :func:`register` / :func:`entries` / :func:`register_goal` /
+    :func:`goals` use one default instance; tests build their own so they never change what
+    the real benchmark measures.
     """
 
     def __init__(self) -> None:
         self._entries: dict[str, BenchEntry] = {}
+        self._goals: dict[str, BenchGoal] = {}
 
     def register(self, entry: BenchEntry) -> BenchEntry:
         """Adds ``entry`` and returns it.
@@ -125,6 +179,26 @@ class Registry:
     def entries(self) -> list[BenchEntry]:
         """All entries, in registration order."""
         return list(self._entries.values())
+
+    def register_goal(self, goal: BenchGoal) -> BenchGoal:
+        """Adds ``goal`` and returns it.
+
+        Raises:
+          ValueError: if a goal of that name exists, or an entry it names is not registered.
+        """
+        if not isinstance(goal, BenchGoal):
+            raise TypeError(f"register_goal() takes a BenchGoal, got {type(goal).__name__}")
+        if goal.name in self._goals:
+            raise ValueError(f"a bench goal named {goal.name!r} is already registered")
+        for name in (goal.numerator, goal.denominator):
+            if name not in self._entries:
+                raise ValueError(f"bench goal {goal.name!r} names entry {name!r}, not registered")
+        self._goals[goal.name] = goal
+        return goal
+
+    def goals(self) -> list[BenchGoal]:
+        """All goals, in registration order."""
+        return list(self._goals.values())
 
     def get(self, name: str) -> BenchEntry:
         """The entry called ``name``.
@@ -153,6 +227,16 @@ def register(entry: BenchEntry) -> BenchEntry:
 def entries() -> list[BenchEntry]:
     """The default registry's entries, in registration order."""
     return _DEFAULT.entries()
+
+
+def register_goal(goal: BenchGoal) -> BenchGoal:
+    """Adds ``goal`` to the default registry (see :meth:`Registry.register_goal`)."""
+    return _DEFAULT.register_goal(goal)
+
+
+def goals() -> list[BenchGoal]:
+    """The default registry's goals, in registration order."""
+    return _DEFAULT.goals()
 
 
 def get_entry(name: str) -> BenchEntry:

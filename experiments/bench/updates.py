@@ -36,16 +36,22 @@ def quadratic_grad_fn(target: PyTree) -> Callable[[PyTree], PyTree]:
 def make_update_fn(
     entry: BenchEntry, tx: optax.GradientTransformation
 ) -> Callable[..., tuple[PyTree, PyTree]]:
-    """The jitted ``(grads, state, params[, target]) -> (updates, state)`` for one entry.
+    """The jitted ``(grads, state, params[, target]) -> (state, updates)`` for one entry.
 
     The optimizer state is donated, as in the train step: the new state is written into the
     old state's buffers and the caller feeds it back into the next call. Without donation
     every call would also allocate a fresh state, and on CPU fresh buffers of this size cost
     a page fault per 4 KiB page (first touch), which is allocator work, not the update's.
+    The new state comes *first* in the outputs: JAX pairs each output with the first donated
+    input of the same shape and dtype, in output order, so with ``(updates, state)`` the
+    updates would take the buffer of the first params-shaped state leaf and every such leaf
+    would shift by one (the train step returns its state first too, so it is paired
+    leaf by leaf). A state leaf passed through unchanged (Lookahead's slow weights off a
+    sync step) then costs nothing instead of a copy.
     Gradients and params are not donated (fixed inputs, reused by every call); the updates
     are a fresh output. ``target`` is an argument rather than a closed-over constant, so it
     is not folded into the compiled program; it is passed only to entries with
-    ``needs_grad_fn``, so plain entries see exactly ``jit(tx.update)(grads, state, params)``.
+    ``needs_grad_fn``, so plain entries see exactly ``tx.update(grads, state, params)``.
     """
     if entry.needs_grad_fn:
         tx = optax.with_extra_args_support(tx)
@@ -54,12 +60,14 @@ def make_update_fn(
 
         def update(grads: PyTree, state: PyTree, params: PyTree, target: PyTree):
             params = params if entry.params_in_update else None
-            return tx.update(grads, state, params, grad_fn=quadratic_grad_fn(target))
+            updates, state = tx.update(grads, state, params, grad_fn=quadratic_grad_fn(target))
+            return state, updates
 
     else:
 
         def update(grads: PyTree, state: PyTree, params: PyTree):  # type: ignore[misc]
-            return tx.update(grads, state, params if entry.params_in_update else None)
+            updates, state = tx.update(grads, state, params if entry.params_in_update else None)
+            return state, updates
 
     return jax.jit(update, donate_argnums=1)
 
@@ -70,23 +78,34 @@ def bench_updates(
     *,
     reps: int,
     bandwidth_gbs: float,
+    steps_per_rep: int = 5,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
     """Times every entry's update at every size, entries interleaved within a size.
+
+    One timed sample is ``steps_per_rep`` consecutive updates (the state carried forward);
+    the per-update time is the sample over ``steps_per_rep``. A transform that does more
+    work every k-th step (Lookahead syncs every 5) is then measured at its average cost when
+    ``steps_per_rep`` is a multiple of k: with one update per sample the median is the cost
+    of its cheap ordinary steps only.
 
     Args:
       entries: what to measure; ratios are reported against the entry named
         :data:`~experiments.bench.registry.SGD_NAME` and each entry's counterpart when they
         are among ``entries``.
       sizes: approximate parameter counts (the tree is model-shaped; rows give exact counts).
-      reps: timed repetitions per entry and size (after one warm-up call).
+      reps: timed samples per entry and size (after one warm-up sample).
       bandwidth_gbs: the measured in-place bandwidth, for the fraction column.
+      steps_per_rep: consecutive updates per timed sample.
       seed: for the random params, gradients and grad_fn target.
 
     Returns:
-      One row per (size, entry): ``name, num_params, bytes_per_param, time_s, gbs,
+      One row per (size, entry): ``name, num_params, bytes_per_param, time_s`` (median
+      per-update time), ``mean_time_s`` (mean over all samples: rare, costlier steps such as
+      upper-level syncs count in proportion, but so does noise), ``gbs,
       fraction_of_bandwidth, ratio_to_sgd, counterpart, ratio_to_counterpart, state_bytes,
-      state_bytes_per_param, times_s``. Ratios are ``None`` when the reference is absent.
+      state_bytes_per_param, times_s`` (per-update time of each sample). Ratios are of
+      medians and ``None`` when the reference is absent.
     """
     rows: list[dict[str, Any]] = []
     for size in sizes:
@@ -95,8 +114,9 @@ def bench_updates(
         grads = model_like_tree(size, rng, scale=1e-3)
         target = model_like_tree(size, rng, scale=0.05)
         n = param_count(params)
-        runners, state_bytes = _make_runners(entries, grads, params, target)
-        times = interleaved_times(runners, reps=reps, desc=f"updates {n:,}")
+        runners, state_bytes = _make_runners(entries, grads, params, target, steps_per_rep)
+        samples = interleaved_times(runners, reps=reps, desc=f"updates {n:,}")
+        times = {name: [t / steps_per_rep for t in ts] for name, ts in samples.items()}
         med = {name: median(ts) for name, ts in times.items()}
         for entry in entries:
             t = med[entry.name]
@@ -107,6 +127,7 @@ def bench_updates(
                     "num_params": n,
                     "bytes_per_param": float(entry.bytes_per_param),
                     "time_s": t,
+                    "mean_time_s": float(np.mean(times[entry.name])),
                     "gbs": gbs,
                     "fraction_of_bandwidth": gbs / bandwidth_gbs,
                     "ratio_to_sgd": ratio(t, med.get(SGD_NAME)),
@@ -121,9 +142,13 @@ def bench_updates(
 
 
 def _make_runners(
-    entries: Sequence[BenchEntry], grads: PyTree, params: PyTree, target: PyTree
+    entries: Sequence[BenchEntry],
+    grads: PyTree,
+    params: PyTree,
+    target: PyTree,
+    steps_per_rep: int,
 ) -> tuple[dict[str, Callable[[], None]], dict[str, int]]:
-    """One blocking update call per entry, and each entry's optimizer-state bytes."""
+    """``steps_per_rep`` blocking update calls per entry, and its optimizer-state bytes."""
     runners: dict[str, Callable[[], None]] = {}
     state_bytes: dict[str, int] = {}
     for entry in entries:
@@ -138,8 +163,10 @@ def _make_runners(
         extra = (target,) if entry.needs_grad_fn else ()
 
         def run(fn=fn, holder=holder, extra=extra, entry_params=entry_params) -> None:
-            updates, holder["state"] = fn(grads, holder["state"], entry_params, *extra)
-            jax.block_until_ready((updates, holder["state"]))
+            for _ in range(steps_per_rep):
+                holder["state"], updates = fn(grads, holder["state"], entry_params, *extra)
+                jax.block_until_ready((updates, holder["state"]))
+                del updates  # freed before the next call, as in a training loop
 
         runners[entry.name] = run
     return runners, state_bytes
