@@ -35,6 +35,10 @@ from experiments.bench.updates import bench_updates, make_update_fn
 from experiments.models import param_count
 
 _TINY = [
+    "--study-seeds",
+    "2",
+    "--study-steps",
+    "20",
     "--sizes",
     "1000",
     "--reps",
@@ -90,6 +94,13 @@ def test_main_quick_tiny_writes_every_entry(tmp_path, capsys):
     assert sgd_row["ratio_to_sgd"] == 1.0
     assert sgd_row["state_bytes"] == 0
 
+    (study,) = result["study_overhead"]
+    assert study["seeds"] == 2
+    assert study["steps"] == 20
+    for key in ("compute_s", "cold_s", "warm_s"):
+        assert _positive_finite(study[key]), key
+    assert study["warm_ratio"] == pytest.approx(study["warm_s"] / study["compute_s"])
+
     train = result["train_steps"]
     # Entries with their own params tree (optax.lookahead) are measured in updates only.
     train_names = [e.name for e in entries() if e.make_params is None]
@@ -103,6 +114,7 @@ def test_main_quick_tiny_writes_every_entry(tmp_path, capsys):
 
     table = capsys.readouterr().out
     assert "Memory bandwidth" in table
+    assert "Study wall time vs training compute" in table
     assert all(name in table for name in names)
 
     # Every registered goal has a row per size or model where both entries ran.

@@ -13,6 +13,7 @@ from typing import Any
 from experiments.bench.bandwidth import measure_bandwidth
 from experiments.bench.registry import SGD_NAME, BenchEntry, BenchGoal, entries, goals
 from experiments.bench.report import evaluate_goals, format_report, machine_info, write_json
+from experiments.bench.study_overhead import bench_study_overhead
 from experiments.bench.timing import progress
 from experiments.bench.train_steps import bench_train_steps
 from experiments.bench.updates import bench_updates
@@ -49,10 +50,19 @@ class BenchConfig:
     steps_per_rep: int = 5
     batch_size: int = 128
     dataset: str = "digits"
+    study_seeds: tuple[int, ...] = (1, 5, 20)
+    study_steps: int = 1140
 
 
 QUICK = BenchConfig(
-    sizes=(1_000_000,), reps=20, copy_mib=64.0, copy_reps=5, train_reps=20, steps_per_rep=3
+    sizes=(1_000_000,),
+    reps=20,
+    copy_mib=64.0,
+    copy_reps=5,
+    train_reps=20,
+    steps_per_rep=3,
+    study_seeds=(1, 5),
+    study_steps=570,
 )
 """``--quick``: one size, fewer repetitions; well under a minute on 2 CPU cores."""
 
@@ -134,6 +144,14 @@ def _parser() -> argparse.ArgumentParser:
     over.add_argument("--train-reps", type=_positive_int, help="train-step samples per entry")
     over.add_argument("--steps-per-rep", type=_positive_int, help="train steps per sample")
     over.add_argument("--batch-size", type=_positive_int, help="train-step batch size")
+    over.add_argument(
+        "--study-seeds",
+        nargs="*",
+        type=_positive_int,
+        metavar="R",
+        help="seed counts of the study wall-time vs compute benchmark (none: skip it)",
+    )
+    over.add_argument("--study-steps", type=_positive_int, help="steps per run of that study")
     return p
 
 
@@ -145,6 +163,10 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, str]:
     for field in ("reps", "copy_mib", "copy_reps", "train_reps", "steps_per_rep", "batch_size"):
         if getattr(args, field) is not None:
             overrides[field] = getattr(args, field)
+    if args.study_seeds is not None:
+        overrides["study_seeds"] = tuple(args.study_seeds)
+    if args.study_steps is not None:
+        overrides["study_steps"] = args.study_steps
     if args.update_steps is not None:
         overrides["update_steps_per_rep"] = args.update_steps
     if args.sizes is not None:
@@ -221,6 +243,13 @@ def run_bench(
     )
     timings["train_steps_s"] = time.perf_counter() - t0
 
+    study = []
+    if cfg.study_seeds:
+        progress(f"study wall time vs compute: seeds {list(cfg.study_seeds)}")
+        t0 = time.perf_counter()
+        study = bench_study_overhead(cfg.study_seeds, steps=cfg.study_steps)
+        timings["study_overhead_s"] = time.perf_counter() - t0
+
     return {
         "machine": machine_info(),
         "config": dataclasses.asdict(cfg),
@@ -229,6 +258,7 @@ def run_bench(
         "updates": updates,
         "train_steps": train,
         "goals": evaluate_goals(bench_goals, updates, train),
+        "study_overhead": study,
         "timings": timings,
         "elapsed_s": time.perf_counter() - start,
     }
@@ -237,6 +267,15 @@ def run_bench(
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``python -m experiments bench``; returns the process exit code."""
     cfg, out = parse_args(argv)
+    # The study benchmark's warm run reads its compiles from JAX's persistent cache: a
+    # throwaway one unless the user configured theirs (set before the first compile).
+    import tempfile
+
+    import jax
+
+    if not jax.config.jax_compilation_cache_dir:  # type: ignore[attr-defined]
+        jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="optlab-bench-"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     try:
         bench_entries = select_entries(entries(), _parse(argv).only)
     except ValueError as error:

@@ -253,6 +253,10 @@ def format_report(result: dict[str, Any]) -> str:
             ),
         ]
     out += ["", f"Elapsed: {result['elapsed_s']:.1f} s"]
+    if result.get("study_overhead"):
+        from experiments.bench.study_overhead import format_study_overhead
+
+        out += ["", format_study_overhead(result["study_overhead"])]
     return "\n".join(out)
 
 
