@@ -89,11 +89,12 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
         _sweep(methods, ("sgd", "la_sgd", "ml2_sgd"))
         return study_config(
             seeds=(0, 1) if smoke else (0, 1, 2, 3, 4),
-            log_every=5 if smoke else 50,
+            log_every=5 if smoke else 38,
+            eval_every=0 if smoke else 190,
             task_names=("digits",) if smoke else (),
             tasks={
-                "digits": {"dataset": "digits", "epochs": 1 if smoke else 100},
-                "mnist1d": {"dataset": "mnist1d", "epochs": 1 if smoke else 60},
+                "digits": {"dataset": "digits", "epochs": 1 if smoke else 60},
+                "mnist1d": {"dataset": "mnist1d", "epochs": 1 if smoke else 40},
             },
             method_names=("sgd", "la_sgd", "ml2_sgd") if smoke else SGD_FAMILY + ADAM_FAMILY,
             methods=methods,

@@ -31,7 +31,7 @@ import ml_collections
 
 from experiments.study import study_config
 
-SAM_RHOS = (0.02, 0.05, 0.1, 0.2)
+SAM_RHOS = (0.02, 0.05, 0.1)
 ASAM_RHOS = (0.2, 0.5, 1.0)
 AVG_SIGMAS = (0.005, 0.01, 0.02)
 
@@ -110,8 +110,11 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
             l2=5e-4,
             log_every=5 if smoke else 50,
             tasks={
-                "digits": {"dataset": "digits", "model": "mlp", "epochs": 1 if smoke else 60},
-                "mnist1d": {"dataset": "mnist1d", "model": "cnn", "epochs": 1 if smoke else 30},
+                "digits": {"dataset": "digits", "model": "mlp", "epochs": 1 if smoke else 40},
+                # The 1-D CNN (96 % test accuracy against the MLP's ~60 %) is too slow to
+                # train 100+ runs of on 2 CPU cores; measure it with the command in the
+                # header. Its sharpness (unrolled HVPs) is no longer the bottleneck.
+                "mnist1d": {"dataset": "mnist1d", "model": "mlp", "epochs": 1 if smoke else 20},
             },
             task_names=("digits",) if smoke else (),
             method_names=("sgd", "sam", "sgd_plain", "sa_sam") if smoke else tuple(methods),

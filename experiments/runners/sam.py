@@ -125,7 +125,19 @@ def sharpness_fn(data: st.TaskData, model: Any, num_examples: int, iters: int, t
             )
         return out
 
-    return jax.jit(jax.vmap(one))
+    # One run at a time through one compiled function: a vmapped power iteration would
+    # compile again for every group size, and on XLA:CPU that compile (unrolled convolution
+    # HVPs) costs far more than running the runs one after another.
+    single = jax.jit(one)
+
+    def stacked(params, model_state):
+        runs = jax.tree.leaves(params)[0].shape[0]
+        outs = [
+            single(*jax.tree.map(lambda a, r=r: a[r], (params, model_state))) for r in range(runs)
+        ]
+        return jax.tree.map(lambda *v: jnp.stack(v), *outs)
+
+    return stacked
 
 
 def gradients_per_step(spec: Mapping[str, Any]) -> int:
