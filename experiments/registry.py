@@ -54,7 +54,7 @@ EXPERIMENTS: dict[str, Experiment] = {
                 "same data, seeds and budget; later methods are compared with these."
             ),
             variants=("smoke", "quick", "full"),
-            runtime="quick: about 30 s on a 2-core CPU; full: hours on one GPU",
+            runtime="quick: 9 s on a 2-core CPU; full: hours on one GPU",
         ),
         Experiment(
             "lookahead",
@@ -67,7 +67,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             ),
             variants=("smoke", "quick", "full"),
             runtime=(
-                "quick: 129 s on a 2-core CPU (shared, load average 9-10); full: days on one GPU"
+                "quick: 150 s on a 2-core CPU (cold compilation cache); full: days on one GPU"
             ),
         ),
         Experiment(
@@ -82,7 +82,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             ),
             variants=("smoke", "quick", "full"),
             runtime=(
-                "quick: 118 s on a 2-core CPU (shared, load average 1.2-1.7); "
+                "quick: 103-109 s on a 2-core CPU (cold compilation cache); "
                 "full: about a day on one GPU"
             ),
         ),
@@ -97,7 +97,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             ),
             variants=("smoke", "quick", "full"),
             runtime=(
-                "quick: 46 s on a 2-core CPU (shared, load average about 2); "
+                "quick: 94 s on a 2-core CPU (cold compilation cache); "
                 "full: about a day on one GPU"
             ),
         ),

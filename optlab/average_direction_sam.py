@@ -121,6 +121,8 @@ def average_direction_sam(
       >>> w = jnp.ones(3)
       >>> state = tx.init(w)
       >>> updates, state = tx.update(jax.grad(loss)(w), state, w, grad_fn=jax.grad(loss))
+      >>> bool(jnp.allclose(updates, -0.1 * jax.grad(loss)(w), atol=0.02))  # near SGD's step
+      True
 
     Reference:
       Zhu et al., *Decentralized SGD and Average-direction SAM are Asymptotically

@@ -163,6 +163,8 @@ def extrapolation(
       >>> updates, state = tx.update(jax.grad(loss)(w), state, w)
       >>> w = optax.apply_updates(w, updates)
       >>> x = optlab.extrapolation_eval_params(w, state)  # the iterate to evaluate
+      >>> print(f"{x[0]:.3f} {w[0]:.3f}")  # w = x - gamma * g with g = 4
+      0.600 0.200
 
     Reference:
       Lin, Kong, Stich, Jaggi, *Extrapolation for Large-batch Training in Deep Learning*,
@@ -295,6 +297,8 @@ def extrap_sgd(
       >>> w = jnp.ones(3)
       >>> state = tx.init(w)
       >>> updates, state = tx.update(jax.grad(loss)(w), state, w, grad_fn=jax.grad(loss))
+      >>> print(f"{updates[0]:.4f}")  # -0.1 x the gradient at w - 0.1 * 4 = 0.6
+      -0.0864
 
     Reference:
       Lin, Kong, Stich, Jaggi, *Extrapolation for Large-batch Training in Deep Learning*,

@@ -68,11 +68,18 @@ def data_parallel_value_and_grad(
     average something else themselves, e.g. SAM's per-device perturbation). Auxiliary
     outputs are returned per worker, unaveraged.
 
-    Example::
+    Example (two devices, each with half of the batch):
 
-        grad = data_parallel_value_and_grad(loss, "data")
-        step = jax.shard_map(lambda p, b: grad(p, b), mesh=mesh,
-                             in_specs=(P(), P("data")), out_specs=P())
+      >>> import jax, jax.numpy as jnp
+      >>> from jax.sharding import Mesh, PartitionSpec as P
+      >>> loss = lambda w, x: jnp.mean((w * x) ** 2)
+      >>> grad = data_parallel_value_and_grad(loss, "data")
+      >>> mesh = Mesh(jax.devices()[:2], ("data",))
+      >>> step = jax.shard_map(grad, mesh=mesh, in_specs=(P(), P("data")), out_specs=P())
+      >>> w, x = jnp.ones(()), jnp.array([1.0, 2.0, 3.0, 4.0])
+      >>> value, g = step(w, x)
+      >>> print(value, g)  # as jax.value_and_grad(loss)(w, x) on the whole batch
+      7.5 15.0
     """
     value_and_grad = jax.value_and_grad(fun, has_aux=has_aux)
 

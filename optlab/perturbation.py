@@ -73,10 +73,23 @@ composition while tracing and raise (:func:`refuse_inside_multi_steps`). Two cor
   micro-batches as groups) and ``MultiSteps`` averages those; the transform's schedules and
   counters advance once per micro-step.
 
-Example (SAM by hand)::
+Example (SAM by hand, the step :func:`optlab.sam` takes):
 
-    h = grad_at_point(grad_fn, params, grads, sharpness_point(0.05))
-    updates, base_state = base.update(h, base_state, params)
+>>> import jax, jax.numpy as jnp, optax, optlab
+>>> from optlab.perturbation import grad_at_point, sharpness_point
+>>> grad_fn = jax.grad(lambda w: jnp.sum((w - 1.0) ** 2))
+>>> base = optax.sgd(0.1)
+>>> params = jnp.zeros(3)
+>>> base_state = base.init(params)
+>>> grads = grad_fn(params)
+>>> h = grad_at_point(grad_fn, params, grads, sharpness_point(0.05))
+>>> updates, base_state = base.update(h, base_state, params)
+>>> print(h.round(4))  # the gradient at params + 0.05 * grads / ||grads||
+[-2.0577 -2.0577 -2.0577]
+>>> tx = optlab.sam(base, rho=0.05)
+>>> sam_updates, _ = tx.update(grads, tx.init(params), params, grad_fn=grad_fn)
+>>> bool(jnp.allclose(updates, sam_updates))
+True
 """
 
 from __future__ import annotations
@@ -306,11 +319,20 @@ def group_grad_fn(
     contiguous groups; the leading size must divide by ``groups`` (checked here, when the
     shapes are known). ``k`` may be traced.
 
-    Example (m-sharpness with m = 4 under plain ``jit``)::
+    Example (m-sharpness with m = 4 under plain ``jit``):
 
-        gfn = group_grad_fn(lambda p, b: jax.grad(loss)(p, b), batch, 4)
-        tx = optlab.sam(optax.sgd(0.1), rho=0.05, groups=4)
-        updates, state = tx.update(grads, state, params, grad_fn=gfn)
+      >>> import jax, jax.numpy as jnp, optax, optlab
+      >>> loss = lambda w, b: jnp.mean((b["x"] @ w - b["y"]) ** 2)
+      >>> batch = {"x": jnp.ones((8, 2)), "y": jnp.arange(8.0)}
+      >>> gfn = group_grad_fn(jax.grad(loss), batch, 4)  # group k: examples 2k and 2k + 1
+      >>> w = jnp.zeros(2)
+      >>> print(gfn(w, 3))  # the gradient on y = 6, 7 only
+      [-13. -13.]
+      >>> tx = optlab.sam(optax.sgd(0.1), rho=0.05, groups=4)
+      >>> step = jax.jit(lambda w, s: tx.update(jax.grad(loss)(w, batch), s, w, grad_fn=gfn))
+      >>> updates, state = step(w, tx.init(w))
+      >>> updates.shape
+      (2,)
     """
     groups = check_int_in_range("groups", groups, min_value=1)
     leaves = jax.tree.leaves(batch)
@@ -347,10 +369,18 @@ def microbatched_grad_fn(
     a transform that calls ``grad_fn``: pass it as both the gradient and ``grad_fn`` and call
     ``update`` once per accumulated batch, not under ``optax.MultiSteps``.
 
-    Example (SAM on a batch of 4 x 32 examples, 32 at a time)::
+    Example (SAM on a batch of 4 x 2 examples, 2 at a time):
 
-        gfn = microbatched_grad_fn(lambda p, b: jax.grad(loss)(p, b), batch, 4)
-        updates, state = tx.update(gfn(params), state, params, grad_fn=gfn)
+      >>> import jax, jax.numpy as jnp, optax, optlab
+      >>> loss = lambda w, b: jnp.mean((b["x"] @ w - b["y"]) ** 2)
+      >>> batch = {"x": jnp.arange(16.0).reshape(8, 2) / 8, "y": jnp.arange(8.0)}
+      >>> gfn = microbatched_grad_fn(jax.grad(loss), batch, 4)
+      >>> w = jnp.zeros(2)
+      >>> bool(jnp.allclose(gfn(w), jax.grad(loss)(w, batch)))  # the whole-batch gradient
+      True
+      >>> tx = optlab.sam(optax.sgd(0.1), rho=0.05)
+      >>> state = tx.init(w)
+      >>> updates, state = tx.update(gfn(w), state, w, grad_fn=gfn)
 
     Args:
       grad_fn: ``grad_fn(params, micro_batch) -> grads`` (no model-state update).

@@ -226,6 +226,8 @@ def sam(
       >>> state = tx.init(w)
       >>> updates, state = tx.update(jax.grad(loss)(w), state, w, grad_fn=jax.grad(loss))
       >>> w = optax.apply_updates(w, updates)
+      >>> print(w.round(4))  # -0.1 x the gradient at the ascent point, not at w = 0
+      [0.2058 0.2058 0.2058]
 
     References:
       Foret et al., *Sharpness-Aware Minimization for Efficiently Improving

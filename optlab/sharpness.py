@@ -194,11 +194,16 @@ def hessian_top_eigenvalue(
       The eigenvalue estimate, a scalar of at least float32 precision (float64 if the
       params are); with ``return_vector=True`` the pair ``(eigenvalue, eigenvector)``.
 
-    Example::
+    Example (a least-squares loss whose Hessian is ``diag(9, 1)``):
 
-        loss = lambda p, b: jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2)
-        top = jax.jit(lambda p, b, k: optlab.hessian_top_eigenvalue(loss, p, b, key=k))
-        lam = top(params, batch, jax.random.key(0))
+      >>> import jax, jax.numpy as jnp, optlab
+      >>> loss = lambda p, b: jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2)
+      >>> params = {"w": jnp.zeros(2)}
+      >>> batch = {"x": jnp.diag(jnp.array([3.0, 1.0])), "y": jnp.zeros(2)}
+      >>> top = jax.jit(lambda p, b, k: optlab.hessian_top_eigenvalue(loss, p, b, key=k))
+      >>> lam = top(params, batch, jax.random.key(0))
+      >>> print(f"{lam:.3f}")
+      9.000
 
     Reference:
       Z. Yao, A. Gholami, K. Keutzer, M. Mahoney. *PyHessian: Neural Networks Through the
@@ -248,9 +253,15 @@ def hessian_trace(
     Returns:
       The trace estimate, a scalar of at least float32 precision (float64 if the params are).
 
-    Example::
+    Example (a Hessian ``diag(9, 1)``: diagonal, so exact with any number of probes):
 
-        trace = optlab.hessian_trace(loss, params, batch, key=jax.random.key(0), num_samples=64)
+      >>> import jax, jax.numpy as jnp, optlab
+      >>> loss = lambda p, b: jnp.mean((b["x"] @ p["w"] - b["y"]) ** 2)
+      >>> params = {"w": jnp.zeros(2)}
+      >>> batch = {"x": jnp.diag(jnp.array([3.0, 1.0])), "y": jnp.zeros(2)}
+      >>> trace = optlab.hessian_trace(loss, params, batch, key=jax.random.key(0), num_samples=8)
+      >>> print(f"{trace:.3f}")
+      10.000
 
     Reference:
       M. F. Hutchinson. *A stochastic estimator of the trace of the influence matrix for

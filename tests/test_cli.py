@@ -528,7 +528,7 @@ def _final_params(workdir: Path, steps: int) -> list[np.ndarray]:
 
 @pytest.mark.slow
 def test_sigkill_mid_training_then_resume_is_bitwise_equal(tmp_path):
-    steps = 20_000  # long enough to be killed mid-training (1 run: ~0.1 ms a step)
+    steps = 8_000  # long enough to be killed mid-training (1 run: ~0.1 ms a step)
     args = [
         sys.executable,
         "-m",

@@ -179,9 +179,12 @@ class ResNet20(CifarResNet):
     Example:
       >>> import jax, jax.numpy as jnp
       >>> model = ResNet20(num_classes=10)
-      >>> variables = model.init(jax.random.key(0), jnp.zeros((1, 32, 32, 3)))
+      >>> x = jnp.zeros((1, 32, 32, 3))
+      >>> variables = jax.eval_shape(model.init, jax.random.key(0), x)  # shapes only, fast
       >>> sorted(variables)
       ['batch_stats', 'params']
+      >>> sum(leaf.size for leaf in jax.tree.leaves(variables["params"]))
+      269722
     """
 
 

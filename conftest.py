@@ -1,4 +1,4 @@
-"""Test configuration: 8 virtual CPU devices, float64 available on request.
+"""Test configuration (tests and doctests): 8 virtual CPU devices, float64 on request.
 
 The CPU device count must be fixed before the first JAX operation, so this runs at import
 time of the test session (before any test module imports jax.numpy work).
@@ -7,9 +7,12 @@ time of the test session (before any test module imports jax.numpy work).
 from __future__ import annotations
 
 import os
+import tempfile
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# Experiments run in-process or in subprocesses cache their compiles here, not in ~/.cache.
+os.environ.setdefault("OPTLAB_CACHE_DIR", tempfile.mkdtemp(prefix="optlab-test-jax-cache-"))
 
 import jax
 
