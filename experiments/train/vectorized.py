@@ -124,9 +124,12 @@ def make_run_step(
         def micro(j):
             return {"x": x[idx[j]], "y": y[idx[j]]}
 
+        def micro_rng(j):  # one batch: the step's key itself, as the one-run train step
+            return rng if max_micro == 1 else jax.random.fold_in(rng, j)
+
         def one(params, model_state, j):
             (loss, (model_state, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-                pvary(params, data_axis), model_state, micro(j), jax.random.fold_in(rng, j)
+                pvary(params, data_axis), model_state, micro(j), micro_rng(j)
             )
             return loss, model_state, metrics, grads
 
