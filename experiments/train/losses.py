@@ -30,14 +30,11 @@ def classification_loss(model: Any) -> LossFn:
     return loss_fn
 
 
-def make_evaluator(
-    model: Any, x: np.ndarray, y: np.ndarray, *, batch_size: int = 512
-) -> Callable[[PyTree, PyTree], dict[str, float]]:
-    """Returns ``evaluate(params, model_state) -> {"loss", "accuracy"}`` over all of (x, y).
-
-    Eval mode (BatchNorm running averages). The data is split into fixed-size batches, the
-    last one padded and masked, so the jitted function compiles once.
-    """
+def _padded_batches(
+    x: np.ndarray, y: np.ndarray, batch_size: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(xs, ys, mask)`` of shape ``[num_batches, batch_size, ...]``: the last batch padded
+    with zeros and masked out, so every batch has one shape (one compile)."""
     n = len(x)
     batch_size = min(batch_size, n)
     num_batches = -(-n // batch_size)
@@ -47,6 +44,20 @@ def make_evaluator(
     )
     ys = np.concatenate([y, np.zeros((pad,), y.dtype)]).reshape(num_batches, batch_size)
     mask = (np.arange(num_batches * batch_size) < n).reshape(num_batches, batch_size)
+    return xs, ys, mask
+
+
+def make_evaluator(
+    model: Any, x: np.ndarray, y: np.ndarray, *, batch_size: int = 512
+) -> Callable[[PyTree, PyTree], dict[str, float]]:
+    """Returns ``evaluate(params, model_state) -> {"loss", "accuracy"}`` over all of (x, y).
+
+    Eval mode (BatchNorm running averages). The data is split into fixed-size batches, the
+    last one padded and masked, so the jitted function compiles once.
+    """
+    n = len(x)
+    xs, ys, mask = _padded_batches(x, y, batch_size)
+    num_batches = len(xs)
 
     @jax.jit
     def totals(params, model_state, xb, yb, mb):
@@ -76,14 +87,7 @@ def make_stacked_evaluator(
     ``lax.map``, every run at once under ``vmap``.
     """
     n = len(x)
-    batch_size = min(batch_size, n)
-    num_batches = -(-n // batch_size)
-    pad = num_batches * batch_size - n
-    xs = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]).reshape(
-        num_batches, batch_size, *x.shape[1:]
-    )
-    ys = np.concatenate([y, np.zeros((pad,), y.dtype)]).reshape(num_batches, batch_size)
-    mask = (np.arange(num_batches * batch_size) < n).reshape(num_batches, batch_size)
+    xs, ys, mask = _padded_batches(x, y, batch_size)
 
     def one_run(params, model_state):
         def totals(batch):
