@@ -482,7 +482,12 @@ def plot_curves(study: Study, workdir: Path, selection: Mapping[str, Any]) -> li
                 rows = [
                     r
                     for r in records
-                    if r.get("method") == m.name and r.get("point") == label_point and key in r
+                    if r.get("method") == m.name
+                    and r.get("point") == label_point
+                    and key in r
+                    # The final record's train_* are the whole training set in eval mode,
+                    # not the mini-batch windows of the curve.
+                    and not (r.get("final") and key.startswith("train_"))
                 ]
                 if not rows:
                     continue

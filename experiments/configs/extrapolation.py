@@ -30,6 +30,9 @@ import ml_collections
 
 from experiments.study import study_config
 
+# About 10 evaluations per run at 60 epochs (steps: 2280, 540, 120 and 60).
+EVAL_EVERY = {"b32": 230, "b128": 60, "b512": 20, "full": 10}
+
 
 def _methods(base: dict[str, Any], noise: tuple[float, ...]) -> dict[str, dict[str, Any]]:
     # gamma = c lr: with heavy-ball momentum 0.9 at the edge of stability the look-ahead
@@ -95,7 +98,12 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
             log_every=1 if smoke else 10,
             task_names=tuple(sizes),  # the sweep's order (ConfigDict keys sort otherwise)
             tasks={
-                k: {"dataset": "digits", "batch_size": b, "epochs": epochs}
+                k: {
+                    "dataset": "digits",
+                    "batch_size": b,
+                    "epochs": epochs,
+                    "eval_every": 0 if smoke else EVAL_EVERY[k],
+                }
                 for k, b in sizes.items()
             },
             method_names=("sgd", "extrap_sgd", "extrap_past")

@@ -116,6 +116,7 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
             seeds=(0, 1) if smoke else (0, 1, 2, 3, 4),
             l2=5e-4,
             log_every=5 if smoke else 50,
+            eval_every=0 if smoke else 250,
             tasks={
                 "digits": {"dataset": "digits", "model": "mlp", "epochs": 1 if smoke else 40},
                 # The 1-D CNN (96 % test accuracy against the MLP's ~60 %) is too slow to
