@@ -14,7 +14,8 @@ A **study** declares what to train and what to conclude; :func:`run_study` owns 
 - **hooks**: ``make_tx``, ``eval_params`` (e.g. Lookahead's slow weights), ``evaluators``
   (in-training probes), ``final_metrics`` (e.g. the Hessian's top eigenvalue), ``make_plan``
   (the trainer hook: worker partitions, task streams, batch-size schedules, client
-  sampling), ``make_loss`` and ``notes``.
+  sampling), ``prepare_data`` (shifts and streams: e.g. the training arrays as blocks of
+  permuted copies, one per task), ``make_loss`` and ``notes``.
 
 :func:`run_study` trains every run, **vectorized**: the seeds and the float grid points of
 one (task, method) train as one jitted program (:func:`experiments.train.vectorized.train_group`).
@@ -240,6 +241,7 @@ class Study:
     )
     make_plan: Callable[[TaskData, Method], BatchPlan] | None = None
     make_loss: Callable[[Task, Any], LossFn] | None = None
+    prepare_data: Callable[[TaskData], TaskData] | None = None
     notes: Callable[[Sequence[Record]], Sequence[str]] | Sequence[str] = ()
     table_metrics: tuple[str, ...] = ("test_accuracy", "val_accuracy", "train_loss")
     config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -664,6 +666,8 @@ def run_study(
     provenance = collect(devices)
     cache: dict = {}
     data = {t.name: _load(t, devices, cache) for t in study.tasks}
+    if study.prepare_data is not None:  # e.g. a stream of shifted tasks, built once
+        data = {name: study.prepare_data(d) for name, d in data.items()}
     if on_ready is not None:
         on_ready()
     total_steps = sum(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 
@@ -340,3 +341,37 @@ def test_worker_mode_task_trains_workers_and_evaluates_their_mean(tmp_path):
     (record,) = results["runs"]
     assert record["test_accuracy"] > 0.2
     assert "4 workers (dirichlet)" in (tmp_path / "results.md").read_text()
+
+
+def test_a_stream_of_shifted_tasks_through_the_hooks(tmp_path):
+    """prepare_data builds two pixel-permuted copies; make_plan trains them one after the other."""
+    from experiments.train.plans import TaskStreamPlan
+
+    def prepare(data: st.TaskData) -> st.TaskData:
+        x, y = data.dataset.x_train, data.dataset.y_train
+        flat = x.reshape(len(x), -1)
+        perm = np.random.default_rng(1).permutation(flat.shape[1])
+        shifted = flat[:, perm].reshape(x.shape)
+        dataset = data.dataset._replace(
+            x_train=np.concatenate([x, shifted]), y_train=np.concatenate([y, y])
+        )
+        return dataclasses.replace(data, dataset=dataset)
+
+    def plan(data: st.TaskData, method: st.Method) -> TaskStreamPlan:
+        n = len(data.dataset.x_train) // 2
+        blocks = [np.arange(n), np.arange(n, 2 * n)]
+        return TaskStreamPlan(blocks, steps_per_task=data.steps // 2, batch_size=32)
+
+    study = _study(
+        tasks=(st.Task("digits", "digits", "mlp", batch_size=32, steps=40, log_every=10),),
+        methods=(st.Method("sgd", {"optimizer": "sgd", "learning_rate": 0.1}),),
+        claims=(),
+        seeds=(0,),
+        prepare_data=prepare,
+        make_plan=plan,
+    )
+    (stream,) = st.run_study(study, tmp_path / "stream", progress=False)["runs"]
+    plain = dataclasses.replace(study, prepare_data=None, make_plan=None)
+    (alone,) = st.run_study(plain, tmp_path / "plain", progress=False)["runs"]
+    # The second half trained on the permuted task: the unpermuted test set got forgotten.
+    assert stream["test_accuracy"] < alone["test_accuracy"] - 0.1
