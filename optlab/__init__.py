@@ -8,12 +8,14 @@ Every public optimizer is a pure ``optax.GradientTransformation`` (or
 
 from optlab import parallel, perturbation
 from optlab.average_direction_sam import AverageDirectionSAMState, average_direction_sam
+from optlab.diloco import DiLoCoState, diloco, diloco_outer_params
 from optlab.extrapolation import (
     ExtrapolationState,
     extrap_sgd,
     extrapolation,
     extrapolation_eval_params,
 )
+from optlab.local_sgd import LocalSGDState, local_sgd
 from optlab.lookahead import LookaheadState, lookahead, multilayer_lookahead, slow_params
 from optlab.mean_gradients import mean_gradients
 from optlab.parallel import data_parallel_value_and_grad, pvary
@@ -26,7 +28,9 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AverageDirectionSAMState",
+    "DiLoCoState",
     "ExtrapolationState",
+    "LocalSGDState",
     "LookaheadState",
     "SAMState",
     "SASAMState",
@@ -35,12 +39,15 @@ __all__ = [
     "asam_weight_mask",
     "average_direction_sam",
     "data_parallel_value_and_grad",
+    "diloco",
+    "diloco_outer_params",
     "extrap_sgd",
     "extrapolation",
     "extrapolation_eval_params",
     "grad_at_point",
     "hessian_top_eigenvalue",
     "hessian_trace",
+    "local_sgd",
     "lookahead",
     "mean_gradients",
     "multilayer_lookahead",

@@ -1,0 +1,202 @@
+"""Shared harness for the worker-axis optimizers (local_sgd, diloco): problems, float64 NumPy
+references of the inner/outer optimizers, vmap and shard_map runners, and an HLO check.
+
+Every worker i has its own quadratic, grad_i(x) = A x - d_i(t), with d_i(t) = b_i + noise,
+fixed per step and worker, so the workers drift apart between syncs.
+"""
+
+from __future__ import annotations
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import PartitionSpec as P
+
+AXIS = "workers"
+DIM = 5
+
+
+def worker_problem(rng: np.random.Generator, workers: int, steps: int):
+    """(A, data[t, i], x0): grad_i(t, x) = A x - data[t, i]."""
+    m = rng.normal(size=(DIM, DIM))
+    a = m @ m.T / DIM + np.eye(DIM)
+    b = 2.0 * rng.normal(size=(workers, DIM))
+    data = b[None] + 0.3 * rng.normal(size=(steps, workers, DIM))
+    return a, data, rng.normal(size=DIM)
+
+
+# ----------------------------------------------------------------------------------------
+# References written from the equations (NumPy, float64).
+
+
+class NumpySGD:
+    """optax.sgd(lr, momentum=beta, nesterov=...): m <- g + beta m; x <- x - lr m (or
+    x <- x - lr (g + beta m) for Nesterov). ``lr`` may be a function of the step count."""
+
+    def __init__(self, lr, beta: float = 0.0, nesterov: bool = False):
+        self.lr, self.beta, self.nesterov = lr, beta, nesterov
+
+    def init(self, x):
+        return {"m": np.zeros_like(x), "t": 0}
+
+    def step(self, x, g, s):
+        m = g + self.beta * s["m"]
+        lr = self.lr(s["t"]) if callable(self.lr) else self.lr
+        direction = g + self.beta * m if self.nesterov else m
+        return x - lr * direction, {"m": m, "t": s["t"] + 1}
+
+
+class NumpyAdam:
+    """optax.adam(lr): bias-corrected moments, eps outside the square root."""
+
+    def __init__(self, lr: float, b1: float = 0.9, b2: float = 0.999, eps: float = 1e-8):
+        self.lr, self.b1, self.b2, self.eps = lr, b1, b2, eps
+
+    def init(self, x):
+        return {"m": np.zeros_like(x), "v": np.zeros_like(x), "t": 0}
+
+    def step(self, x, g, s):
+        t = s["t"] + 1
+        m = self.b1 * s["m"] + (1 - self.b1) * g
+        v = self.b2 * s["v"] + (1 - self.b2) * g * g
+        m_hat, v_hat = m / (1 - self.b1**t), v / (1 - self.b2**t)
+        return x - self.lr * m_hat / (np.sqrt(v_hat) + self.eps), {"m": m, "v": v, "t": t}
+
+
+def mean_states(states):
+    """Averages the float arrays of the workers' NumPy states (counters are equal)."""
+    out = {}
+    for key in states[0]:
+        vals = [s[key] for s in states]
+        out[key] = np.mean(vals, axis=0) if isinstance(vals[0], np.ndarray) else vals[0]
+    return [dict(out) for _ in states]
+
+
+def clip(g, max_norm):
+    """optax.clip_by_global_norm on one array."""
+    norm = np.linalg.norm(g)
+    return g * (max_norm / norm) if norm > max_norm else g
+
+
+# ----------------------------------------------------------------------------------------
+# Runners: the same per-worker step under vmap (one device) and shard_map (one per device).
+
+
+def make_step(tx, a):
+    """One worker's step: grads from its data, then ``tx`` (the step count is in the state)."""
+    a = jnp.asarray(a)
+
+    def step(params, state, data):
+        grads = {"w": a @ params["w"] - data.astype(params["w"].dtype)}
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def replicate(tree, workers: int):
+    return jax.tree.map(lambda v: jnp.broadcast_to(jnp.asarray(v), (workers, *jnp.shape(v))), tree)
+
+
+def init_workers(tx, x0, workers: int, dtype=None):
+    params = {"w": jnp.asarray(x0, dtype)}
+    return replicate(params, workers), replicate(tx.init(params), workers)
+
+
+def run_vmap(tx, a, data, x0, *, donate: bool = False):
+    """Runs ``len(data)`` steps on ``data.shape[1]`` simulated workers; returns the params
+    after every step, shape (steps, workers, DIM), and the final (params, state)."""
+    workers = data.shape[1]
+    params, state = init_workers(tx, x0, workers)
+    step = jax.jit(
+        jax.vmap(make_step(tx, a), axis_name=AXIS), donate_argnums=(0, 1) if donate else ()
+    )
+    xs = []
+    for t in range(len(data)):
+        params, state = step(params, state, jnp.asarray(data[t]))
+        xs.append(np.asarray(params["w"]))
+    return np.array(xs), (params, state)
+
+
+def worker_mesh(workers: int) -> jax.sharding.Mesh:
+    return jax.make_mesh(
+        (workers,),
+        (AXIS,),
+        axis_types=(jax.sharding.AxisType.Auto,),
+        devices=jax.devices()[:workers],
+    )
+
+
+def shard_map_step(tx, a, workers: int):
+    """The per-worker step under shard_map: one worker per device, leading axis sharded."""
+    step = make_step(tx, a)
+
+    def body(params, state, data):
+        out = step(*jax.tree.map(lambda v: v[0], (params, state, data)))
+        return jax.tree.map(lambda v: v[None], out)
+
+    spec = P(AXIS)
+    return jax.jit(
+        jax.shard_map(body, mesh=worker_mesh(workers), in_specs=(spec,) * 3, out_specs=spec)
+    )
+
+
+def run_shard_map(tx, a, data, x0):
+    workers = data.shape[1]
+    params, state = init_workers(tx, x0, workers)
+    step = shard_map_step(tx, a, workers)
+    xs = []
+    for t in range(len(data)):
+        params, state = step(params, state, jnp.asarray(data[t]))
+        xs.append(np.asarray(params["w"]))
+    return np.array(xs), (params, state)
+
+
+# ----------------------------------------------------------------------------------------
+# Compiled-program checks.
+
+
+def collectives_by_computation(hlo: str) -> dict[str, int]:
+    """The number of all-reduce (and other cross-worker) ops per HLO computation."""
+    out = {}
+    for computation in re.split(r"\n(?=%|ENTRY)", hlo):
+        name = computation.split(" ", 1)[0]
+        n = len(
+            re.findall(
+                r"\b(all-reduce|all-reduce-start|all-gather|collective-permute|all-to-all)\(",
+                computation,
+            )
+        )
+        if n:
+            out[name] = n
+    return out
+
+
+def conditional_branches(hlo: str) -> list[list[str]]:
+    """The branch computation names of every conditional in the module."""
+    return [
+        [b.strip() for b in m.split(",")]
+        for m in re.findall(r"branch_computations=\{([^}]*)\}", hlo)
+    ]
+
+
+def assert_collectives_only_in_sync_branch(tx, a, workers: int, dtype=jnp.float32):
+    """Compiles the shard_map step and checks that every collective sits in one branch of a
+    conditional whose other branch (the off-sync step) has none."""
+    step = shard_map_step(tx, a, workers)
+    params, state = init_workers(tx, np.zeros(DIM), workers, dtype)
+    data = jnp.zeros((workers, DIM), dtype)
+    hlo = step.lower(params, state, data).compile().as_text()
+    found = collectives_by_computation(hlo)
+    assert found, "no collective at all: the sync branch was compiled away"
+    branches = conditional_branches(hlo)
+    sync_branches = [b for b in branches if any(name in found for name in b)]
+    assert len(sync_branches) == 1, (found, branches)
+    (pair,) = sync_branches
+    assert len(pair) == 2, pair
+    assert sum(name in found for name in pair) == 1, (found, pair)  # the other one is silent
+    assert set(found) <= set(pair), f"collectives outside the sync branch: {found}"
+    return found
