@@ -8,6 +8,7 @@ Every public optimizer is a pure ``optax.GradientTransformation`` (or
 
 from optlab import parallel, perturbation
 from optlab.average_direction_sam import AverageDirectionSAMState, average_direction_sam
+from optlab.dsgd import DSGDState, consensus_distance, dsgd, mixing_matrix
 from optlab.extrapolation import (
     ExtrapolationState,
     extrap_sgd,
@@ -26,6 +27,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AverageDirectionSAMState",
+    "DSGDState",
     "ExtrapolationState",
     "LookaheadState",
     "SAMState",
@@ -34,7 +36,9 @@ __all__ = [
     "asam_scale",
     "asam_weight_mask",
     "average_direction_sam",
+    "consensus_distance",
     "data_parallel_value_and_grad",
+    "dsgd",
     "extrap_sgd",
     "extrapolation",
     "extrapolation_eval_params",
@@ -43,6 +47,7 @@ __all__ = [
     "hessian_trace",
     "lookahead",
     "mean_gradients",
+    "mixing_matrix",
     "multilayer_lookahead",
     "parallel",
     "perturbation",
