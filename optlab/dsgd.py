@@ -186,8 +186,10 @@ def _gossip(tree: PyTree, rounds: tuple[_Round, ...], count: jax.Array, axis_nam
     tree = pvary(tree, axis_name)
 
     def mix(leaf: jax.Array, rnd: _Round) -> jax.Array:
-        if len(rnd) == n and all(w == 1 / n for w, _ in rnd):  # complete: an all-reduce
+        if len(rnd) == n and all(w == 1 / n for w, _ in rnd):  # exact averaging: all-reduce
             return jax.lax.pmean(leaf, axis_name)
+        # Low-precision params (bf16) are summed in float32 and rounded once.
+        acc = jnp.promote_types(leaf.dtype, jnp.float32)
         out: jax.Array | None = None
         for weight, source in rnd:
             if source == tuple(range(n)):
@@ -195,13 +197,16 @@ def _gossip(tree: PyTree, rounds: tuple[_Round, ...], count: jax.Array, axis_nam
             else:
                 perm = [(source[i], i) for i in range(n)]
                 term = jax.lax.ppermute(leaf, axis_name, perm)
-            out = weight * term if out is None else out + weight * term
+            term = weight * term.astype(acc)
+            out = term if out is None else out + term
         assert out is not None
         return out.astype(leaf.dtype)
 
     if len(rounds) == 1:
         return jax.tree.map(lambda x: mix(x, rounds[0]), tree)
-    # Time-varying: one branch (one message per worker) per round.
+    # Time-varying: one branch (one message per worker) per round. Under shard_map only the
+    # taken branch communicates; under vmap the per-worker count is batched, so the
+    # simulation evaluates every branch and selects (same result, more work).
     branches = [
         functools.partial(lambda r, t: jax.tree.map(lambda x: mix(x, r), t), r) for r in rounds
     ]
@@ -288,7 +293,14 @@ def dsgd(
     inner = optax.with_extra_args_support(inner)
 
     def resolve_rounds() -> tuple[_Round, ...]:
-        size = jax.lax.axis_size(axis_name)
+        try:
+            size = jax.lax.axis_size(axis_name)
+        except NameError as error:
+            raise ValueError(
+                f"dsgd.update must run where the worker axis {axis_name!r} is bound: inside "
+                f"jax.vmap(..., axis_name={axis_name!r}) or a jax.shard_map over a mesh axis "
+                f"named {axis_name!r}."
+            ) from error
         if num_workers is not None and size != num_workers:
             raise ValueError(
                 f"dsgd was built with num_workers={num_workers}, but axis {axis_name!r} "

@@ -441,3 +441,34 @@ def test_trace_time_errors_name_the_worker_count():
     tx = optlab.dsgd(optax.sgd(0.1), "ring", AXIS)
     with pytest.raises(ValueError, match="dsgd needs params"):
         jax.vmap(lambda p: tx.update(p, tx.init(p)), axis_name=AXIS)(x)
+
+
+def test_unbound_axis_says_where_update_must_run():
+    tx = optlab.dsgd(optax.sgd(0.1), "ring", AXIS)
+    x = jnp.ones(3)
+    with pytest.raises(ValueError, match=r"inside jax.vmap\(..., axis_name='workers'\)"):
+        tx.update(x, tx.init(x), x)
+
+
+@pytest.mark.parametrize("order", ["dpsgd", "atc"])
+@pytest.mark.parametrize("topology", ["ring", "one_peer_exponential", "complete"])
+def test_dtypes_are_preserved(topology, order):
+    tx = optlab.dsgd(optax.sgd(0.5), topology, AXIS, order=order)
+    rng = np.random.default_rng(4)
+    params = {
+        "half": jnp.asarray(rng.normal(size=(8, 3)), jnp.bfloat16),
+        "single": jnp.asarray(rng.normal(size=(8, 2)), jnp.float32),
+    }
+
+    def step(p):
+        updates, _state = tx.update(p, tx.init(p), p)
+        return updates, optax.apply_updates(p, updates)
+
+    updates, new = jax.vmap(step, axis_name=AXIS)(params)
+    for name, leaf in params.items():
+        assert updates[name].dtype == leaf.dtype
+        assert new[name].dtype == leaf.dtype
+    w = optlab.mixing_matrix(topology, 8)
+    half = np.asarray(params["half"], np.float64)
+    want = w @ half - 0.5 * half if order == "dpsgd" else 0.5 * (w @ half)
+    np.testing.assert_allclose(np.asarray(new["half"], np.float64), want, rtol=3e-2, atol=3e-2)
