@@ -472,3 +472,26 @@ def test_dtypes_are_preserved(topology, order):
     half = np.asarray(params["half"], np.float64)
     want = w @ half - 0.5 * half if order == "dpsgd" else 0.5 * (w @ half)
     np.testing.assert_allclose(np.asarray(new["half"], np.float64), want, rtol=3e-2, atol=3e-2)
+
+
+@pytest.mark.parametrize("topology", ["ring", "exponential", "one_peer_exponential"])
+def test_converges_to_the_global_minimiser_with_a_decaying_rate(x64, topology):
+    """Heterogeneous quadratics: every worker ends near argmin sum_i f_i, not its own."""
+    n = 8
+    a, b, x0 = _problem(n, seed=5)
+    x_star = np.linalg.solve(a.sum(0), b.sum(0))
+    tx = optlab.dsgd(optax.sgd(optax.polynomial_schedule(0.2, 0.0, 1, 400)), topology, AXIS)
+
+    def run(x, a_i, b_i):
+        def body(carry, _):
+            x, s = carry
+            u, s = tx.update(a_i @ x - b_i, s, x)
+            return (x + u, s), None
+
+        (x, _), _ = jax.lax.scan(body, (x, tx.init(x)), length=400)
+        return x, optlab.consensus_distance(x, AXIS)
+
+    x, dist = jax.jit(jax.vmap(run, axis_name=AXIS))(*map(jnp.asarray, (x0, a, b)))
+    np.testing.assert_allclose(np.asarray(x).mean(0), x_star, atol=2e-2)
+    assert float(dist[0]) < 2e-2
+    assert np.linalg.norm(np.linalg.solve(a[0], b[0]) - x_star) > 0.1  # heterogeneous
