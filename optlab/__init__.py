@@ -9,6 +9,7 @@ Every public optimizer is a pure ``optax.GradientTransformation`` (or
 from optlab import parallel, perturbation
 from optlab.average_direction_sam import AverageDirectionSAMState, average_direction_sam
 from optlab.diloco import DiLoCoState, diloco, diloco_outer_params
+from optlab.dsgd import DSGDState, consensus_distance, dsgd, mixing_matrix
 from optlab.extrapolation import (
     ExtrapolationState,
     extrap_sgd,
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AverageDirectionSAMState",
+    "DSGDState",
     "DiLoCoState",
     "ExtrapolationState",
     "LocalSGDState",
@@ -38,9 +40,11 @@ __all__ = [
     "asam_scale",
     "asam_weight_mask",
     "average_direction_sam",
+    "consensus_distance",
     "data_parallel_value_and_grad",
     "diloco",
     "diloco_outer_params",
+    "dsgd",
     "extrap_sgd",
     "extrapolation",
     "extrapolation_eval_params",
@@ -50,6 +54,7 @@ __all__ = [
     "local_sgd",
     "lookahead",
     "mean_gradients",
+    "mixing_matrix",
     "multilayer_lookahead",
     "parallel",
     "perturbation",
