@@ -16,6 +16,7 @@ from optlab.extrapolation import (
     extrapolation,
     extrapolation_eval_params,
 )
+from optlab.gradalign import GradAlignState, gradalign
 from optlab.local_sgd import LocalSGDState, local_sgd
 from optlab.lookahead import LookaheadState, lookahead, multilayer_lookahead, slow_params
 from optlab.mean_gradients import mean_gradients
@@ -32,6 +33,7 @@ __all__ = [
     "DSGDState",
     "DiLoCoState",
     "ExtrapolationState",
+    "GradAlignState",
     "LocalSGDState",
     "LookaheadState",
     "SAMState",
@@ -49,6 +51,7 @@ __all__ = [
     "extrapolation",
     "extrapolation_eval_params",
     "grad_at_point",
+    "gradalign",
     "hessian_top_eigenvalue",
     "hessian_trace",
     "local_sgd",
