@@ -85,6 +85,8 @@ def check_float_in_range(
     """
     if callable(value) or isinstance(value, jax.core.Tracer):
         return value
+    if isinstance(value, str | bytes):  # float("0.1") would pass: a typo'd config value
+        raise ValueError(f"{name} must be a real number or a schedule, got {value!r}.")
     try:
         as_float = float(np.asarray(value))
     except (TypeError, ValueError) as error:

@@ -64,9 +64,10 @@ def test_float_errors_name_parameter_and_range(value, kwargs, message):
     assert str(info.value) == message
 
 
-def test_float_rejects_non_numbers():
+@pytest.mark.parametrize("value", ["big", "0.1", b"0.1"])
+def test_float_rejects_non_numbers(value):
     with pytest.raises(ValueError, match="alpha must be a real number or a schedule"):
-        check_float_in_range("alpha", "big")
+        check_float_in_range("alpha", value)
 
 
 def test_float_passes_schedules_and_tracers_through():
