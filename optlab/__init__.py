@@ -20,6 +20,7 @@ from optlab.gradalign import GradAlignState, gradalign
 from optlab.local_sgd import LocalSGDState, local_sgd
 from optlab.lookahead import LookaheadState, lookahead, multilayer_lookahead, slow_params
 from optlab.mean_gradients import mean_gradients
+from optlab.palsgd import PALSGDState, palsgd, palsgd_is_pseudo_sync, palsgd_outer_params
 from optlab.parallel import data_parallel_value_and_grad, pvary
 from optlab.perturbation import grad_at_point, safe_global_norm
 from optlab.sa_sam import SASAMState, sa_sam
@@ -36,6 +37,7 @@ __all__ = [
     "GradAlignState",
     "LocalSGDState",
     "LookaheadState",
+    "PALSGDState",
     "SAMState",
     "SASAMState",
     "__version__",
@@ -59,6 +61,9 @@ __all__ = [
     "mean_gradients",
     "mixing_matrix",
     "multilayer_lookahead",
+    "palsgd",
+    "palsgd_is_pseudo_sync",
+    "palsgd_outer_params",
     "parallel",
     "perturbation",
     "pvary",
