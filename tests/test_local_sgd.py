@@ -7,13 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from worker_axis_checks import (
     AXIS,
     NumpyAdam,
     NumpySGD,
     assert_collectives_only_in_sync_branch,
+    assert_orbax_resume_is_bitwise,
     clip,
     init_workers,
     make_step,
@@ -189,26 +189,17 @@ def test_orbax_round_trip_mid_period_resumes_bitwise(tmp_path, rng):
     a, data, x0 = worker_problem(rng, WORKERS, steps)
     data = data.astype(np.float32)
     tx = optlab.local_sgd(optax.sgd(0.05, momentum=0.9), period, AXIS, start_step=1)
-    step = jax.jit(jax.vmap(make_step(tx, a.astype(np.float32)), axis_name=AXIS))
-
-    def run(params, state, start, stop):
-        for t in range(start, stop):
-            params, state = step(params, state, jnp.asarray(data[t]))
-        return params, state
-
-    start = init_workers(tx, x0.astype(np.float32), WORKERS)
-    full = run(*start, 0, steps)
-    half = run(*start, 0, split)
-    assert np.ptp(np.asarray(half[0]["w"]), axis=0).max() > 0  # saved between syncs
-    path = (tmp_path / "ckpt").absolute()
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(path, half)
-        ckpt.wait_until_finished()
-        restored = ckpt.restore(path, jax.eval_shape(lambda: half))
-    assert isinstance(restored[1], optlab.LocalSGDState)
-    jax.tree.map(np.testing.assert_array_equal, restored, half)
-    resumed = run(*restored, split, steps)
-    jax.tree.map(np.testing.assert_array_equal, resumed, full)
+    assert_orbax_resume_is_bitwise(
+        tx,
+        a,
+        data,
+        x0,
+        WORKERS,
+        steps=steps,
+        split=split,
+        state_type=optlab.LocalSGDState,
+        path=(tmp_path / "ckpt").absolute(),
+    )
 
 
 def test_extra_args_reach_the_inner_optimizer():

@@ -8,13 +8,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 import pytest
 from worker_axis_checks import (
     AXIS,
     NumpyAdam,
     NumpySGD,
     assert_collectives_only_in_sync_branch,
+    assert_orbax_resume_is_bitwise,
     clip,
     collectives_by_computation,
     conditional_branches,
@@ -432,26 +432,17 @@ def test_orbax_round_trip_mid_period_resumes_bitwise(tmp_path, rng):
         prob=0.4,
         warmup_steps=1,
     )
-    step = jax.jit(jax.vmap(make_step(tx, a.astype(np.float32)), axis_name=AXIS))
-
-    def run(params, state, start, stop):
-        for t in range(start, stop):
-            params, state = step(params, state, jnp.asarray(data[t]))
-        return params, state
-
-    start = init_workers(tx, x0.astype(np.float32), WORKERS)
-    full = run(*start, 0, steps)
-    half = run(*start, 0, split)
-    assert np.ptp(np.asarray(half[0]["w"]), axis=0).max() > 0  # saved between real syncs
-    path = (tmp_path / "ckpt").absolute()
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(path, half)
-        ckpt.wait_until_finished()
-        restored = ckpt.restore(path, jax.eval_shape(lambda: half))
-    assert isinstance(restored[1], optlab.PALSGDState)
-    jax.tree.map(np.testing.assert_array_equal, restored, half)
-    resumed = run(*restored, split, steps)
-    jax.tree.map(np.testing.assert_array_equal, resumed, full)
+    assert_orbax_resume_is_bitwise(
+        tx,
+        a,
+        data,
+        x0,
+        WORKERS,
+        steps=steps,
+        split=split,
+        state_type=optlab.PALSGDState,
+        path=(tmp_path / "ckpt").absolute(),
+    )
 
 
 def test_helpers():
