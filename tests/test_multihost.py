@@ -98,3 +98,39 @@ def test_two_processes_equal_one_process_with_the_same_devices(tmp_path):
         json.loads(line) for line in (workdir / "digits" / "metrics.jsonl").read_text().splitlines()
     ]
     assert [r["step"] for r in records] == [5, 10, 15, 20, 20]  # one writer, no duplicates
+
+
+@pytest.mark.slow
+def test_worker_optimizers_on_two_processes_equal_one_process_with_8_devices(tmp_path):
+    """Local SGD, post-local SGD, DiLoCo, PALSGD, gossip SGD and GradAlign: 2 processes x 4
+    CPU devices through ``jax.distributed.initialize`` give the parameters of 1 x 8."""
+    import multihost_workers
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+    script = str(Path(__file__).with_name("multihost_workers.py"))
+    coordinator = f"127.0.0.1:{_free_port()}"
+    out = tmp_path / "two.npz"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, script, str(out), coordinator, "2", str(i)],
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    try:
+        one = multihost_workers.train_all()  # this process: 8 CPU devices (root conftest)
+        outputs = [p.communicate(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (_out, err) in zip(procs, outputs, strict=True):
+        assert p.returncode == 0, err[-3000:]
+    two = dict(np.load(out))
+    assert sorted(two) == sorted(one)
+    for name in one:
+        assert np.ptp(one[name], axis=0).max() > 0 or name == "gradalign", name  # not synced
+        np.testing.assert_allclose(two[name], one[name], rtol=1e-6, atol=1e-6, err_msg=name)
