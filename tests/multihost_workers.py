@@ -45,9 +45,7 @@ def transforms() -> dict[str, optax.GradientTransformation]:
         "diloco": optlab.diloco(
             optax.adam(0.05), optax.sgd(0.7, momentum=0.9, nesterov=True), 3, AXIS
         ),
-        "palsgd": optlab.palsgd(
-            optax.sgd(0.1), None, 3, AXIS, learning_rate=0.1, prob=0.5, seed=1
-        ),
+        "palsgd": optlab.palsgd(optax.sgd(0.1), None, 3, AXIS, learning_rate=0.1, prob=0.5, seed=1),
         "dsgd_ring": optlab.dsgd(sgd, "ring", AXIS),
         "dsgd_one_peer_exp": optlab.dsgd(sgd, "one_peer_exponential", AXIS, order="atc"),
         "gradalign": optlab.gradalign(sgd, 0.05, AXIS),
@@ -56,7 +54,7 @@ def transforms() -> dict[str, optax.GradientTransformation]:
 
 def _step(tx, a):
     def step(params, state, data):
-        grad_fn = lambda p: {"w": a @ p["w"] - data}  # noqa: E731
+        grad_fn = lambda p: {"w": a @ p["w"] - data}
         updates, state = tx.update(grad_fn(params), state, params, grad_fn=grad_fn)
         return optax.apply_updates(params, updates), state
 
