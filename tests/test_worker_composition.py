@@ -15,9 +15,9 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
+from worker_axis_checks import AXIS, init_workers, worker_problem
 
 import optlab
-from worker_axis_checks import AXIS, init_workers, worker_problem
 
 WORKERS = 4
 
