@@ -97,9 +97,21 @@ EXPERIMENTS: dict[str, Experiment] = {
             ),
             variants=("smoke", "quick", "full"),
             runtime=(
-                "quick: 94 s on a 2-core CPU (cold compilation cache); "
-                "full: about a day on one GPU"
+                "quick: 94 s on a 2-core CPU (cold compilation cache); full: about a day on one GPU"
             ),
+        ),
+        Experiment(
+            "geometry",
+            "experiments.runners.geometry",
+            "experiments.configs.geometry",
+            claim=(
+                "Along SGD, momentum and Adam paths the mini-batch gradient's cosine with "
+                "w - w* (w* the final iterate) stays positive, and the locally optimal "
+                "learning rate RSI/EB² traces warm-up, plateau and decay (Guille-Escuret, "
+                "Naganuma, Fatras, Mitliagkas, ICML 2024)."
+            ),
+            variants=("smoke", "quick", "full"),
+            runtime="quick: RUNTIME_QUICK on a 2-core CPU; full: about a day on one GPU",
         ),
     )
 }
