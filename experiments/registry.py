@@ -113,6 +113,18 @@ EXPERIMENTS: dict[str, Experiment] = {
             variants=("smoke", "quick", "full"),
             runtime="quick: RUNTIME_QUICK on a 2-core CPU; full: about a day on one GPU",
         ),
+        Experiment(
+            "ood",
+            "experiments.runners.ood",
+            "experiments.configs.ood",
+            claim=(
+                "Adaptive optimizers (Adam) generalise worse out of distribution (rotated, "
+                "noisy, spurious-feature test sets) than SGD and momentum SGD at equal "
+                "in-distribution accuracy (Naganuma et al., TMLR 2023)."
+            ),
+            variants=("smoke", "quick", "full"),
+            runtime="quick: RUNTIME_QUICK on a 2-core CPU; full: about a day on one GPU",
+        ),
     )
 }
 
