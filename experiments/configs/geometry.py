@@ -14,7 +14,8 @@ Claim:    Guille-Escuret, Naganuma, Fatras, Mitliagkas, "No Wrong Turns: The Sim
 
 Methods are specs of ``experiments.optimizers`` with a constant learning rate (the official
 code's default, no scheduler), one point each (no axes). ``geometry`` holds the measurement
-settings: ``measure_examples`` (the fixed measurement batch, the first training examples),
+settings: ``measure_examples`` (the fixed measurement batch, the first training examples;
+0: none, as in the smoke variant),
 ``windows`` (the shape test's windows), ``plot_windows`` (curve resolution) and the claims'
 bounds ``positive_bound`` (fraction of steps with a positive cosine) and ``shape_bound``
 (start and end of the locally optimal LR relative to its peak).
@@ -62,7 +63,7 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
             methods=methods,
         )
         config.geometry = _geometry(
-            measure_examples=64 if smoke else 256, windows=5 if smoke else 20
+            measure_examples=0 if smoke else 256, windows=5 if smoke else 20
         )
         if smoke:
             config.geometry.plot_windows = 5

@@ -62,7 +62,7 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
             methods = _methods((0.1, 0.3), (0.03,), (1e-3, 3e-3), "cosine")
         else:
             methods = _methods(
-                (0.03, 0.1, 0.3, 1.0), (0.003, 0.01, 0.03, 0.1), (3e-4, 1e-3, 3e-3, 1e-2), "cosine"
+                (0.03, 0.1, 0.3, 1.0), (0.01, 0.03, 0.1, 0.3), (1e-3, 3e-3, 1e-2, 3e-2), "cosine"
             )
         config = study_config(
             seeds=(0, 1) if smoke else (0, 1, 2, 3, 4),

@@ -11,7 +11,7 @@ Every method trains through the study as usual (accuracies, curves), then the
 seeds, batches and optimizer: pass 1 trains again and keeps ``w_T``, pass 2 replays it
 bitwise and measures (``optlab.path_geometry``) the step's training-batch gradient, the
 step's update direction and the gradient on a fixed measurement batch (the first
-``geometry.measure_examples`` training examples) at every step. The loss has no L2 term,
+``geometry.measure_examples`` training examples; 0: none) at every step. The loss has no L2 term,
 so G is the paper's gradient without weight decay. The study's own trained weights are
 compared with pass 1's (``replay_study_diff``: equal up to rounding, a different
 compilation of the same run).
@@ -87,9 +87,10 @@ def geometry_metrics(result: ReplayResult, windows: int) -> dict[str, np.ndarray
         "cosine_positive": (cos > 0).mean(axis=-1),
         "cosine_median": np.median(cos, axis=-1),
         "update_cosine_positive": (result.update["cosine"] > 0).mean(axis=-1),
-        "measure_cosine_positive": (result.measure["cosine"] > 0).mean(axis=-1),
         **lr_shape(result.gradient["optimal_lr"], windows),
     }
+    if result.measure:
+        out["measure_cosine_positive"] = (result.measure["cosine"] > 0).mean(axis=-1)
     return out
 
 
@@ -115,7 +116,7 @@ def replay_metrics(config: ml_collections.ConfigDict, workdir: Path | None):
             plan=EpochPlan(len(data.dataset.x_train), data.batch_size),
             seeds=seeds,
             steps=data.steps,
-            measure_batch=(data.dataset.x_train[:n], data.dataset.y_train[:n]),
+            measure_batch=(data.dataset.x_train[:n], data.dataset.y_train[:n]) if n else None,
         )
         diff = jax.tree.map(
             lambda a, b: np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).reshape(
@@ -131,6 +132,7 @@ def replay_metrics(config: ml_collections.ConfigDict, workdir: Path | None):
                 f"{source}_{k}": window_medians(getattr(result, source)[k], geo.plot_windows)
                 for source in ("gradient", "update", "measure")
                 for k in CURVES
+                if getattr(result, source)
             }
             path = workdir / "geometry" / task.name / f"{method.name}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,9 +194,14 @@ def _notes(config: ml_collections.ConfigDict, study_ref: list, workdir: Path | N
             "Path geometry (optlab.path_geometry) from a two-pass replay "
             "(experiments.train.replay): pass 1 retrains each run and keeps w_T, pass 2 replays "
             "it bitwise (checked) and measures at every step, before the update, the "
-            "training-batch gradient G(w_t) against w_t - w_T (also the update direction and "
-            f"the gradient on the first {geo.measure_examples} training examples, a fixed "
-            "measurement batch). No L2 term in the loss: G is the paper's gradient without "
+            "training-batch gradient G(w_t) against w_t - w_T (also the update direction"
+            + (
+                f" and the gradient on the first {geo.measure_examples} training examples, a "
+                "fixed measurement batch"
+                if geo.measure_examples
+                else ""
+            )
+            + "). No L2 term in the loss: G is the paper's gradient without "
             "weight decay; constant learning rates, so any warm-up/decay shape comes from the "
             "geometry, not a schedule.",
             f"cosine_positive: fraction of steps with cos(G, w - w_T) > 0; claim: above "
@@ -274,7 +281,7 @@ def build_study(config: ml_collections.ConfigDict, workdir: str | Path | None = 
                 f"loss's gradient of one model per run), got l2={t.l2}, workers={t.workers}."
             )
     geo = config.geometry
-    for field, low in (("windows", 3), ("plot_windows", 1), ("measure_examples", 1)):
+    for field, low in (("windows", 3), ("plot_windows", 1), ("measure_examples", 0)):
         if int(geo[field]) < low:
             raise ValueError(f"geometry.{field} must be >= {low}, got {geo[field]}.")
     for field in ("positive_bound", "shape_bound"):
@@ -295,6 +302,7 @@ def build_study(config: ml_collections.ConfigDict, workdir: str | Path | None = 
             "test_accuracy",
             "cosine_positive",
             "update_cosine_positive",
+            "measure_cosine_positive",
             "lr_start",
             "lr_end",
             "lr_peak_at",
