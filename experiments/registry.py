@@ -111,7 +111,10 @@ EXPERIMENTS: dict[str, Experiment] = {
                 "Naganuma, Fatras, Mitliagkas, ICML 2024)."
             ),
             variants=("smoke", "quick", "full"),
-            runtime="quick: RUNTIME_QUICK on a 2-core CPU; full: about a day on one GPU",
+            runtime=(
+                "quick: 260-328 s wall on a shared 2-core CPU at load 15-20 (65-94 s CPU); "
+                "full: about a day on one GPU"
+            ),
         ),
         Experiment(
             "ood",
@@ -123,7 +126,10 @@ EXPERIMENTS: dict[str, Experiment] = {
                 "in-distribution accuracy (Naganuma et al., TMLR 2023)."
             ),
             variants=("smoke", "quick", "full"),
-            runtime="quick: RUNTIME_QUICK on a 2-core CPU; full: about a day on one GPU",
+            runtime=(
+                "quick: 130-244 s wall on a shared 2-core CPU at load 15-20 (30-43 s CPU); "
+                "full: about a day on one GPU"
+            ),
         ),
     )
 }

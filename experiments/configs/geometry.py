@@ -1,8 +1,9 @@
 """Config of the `geometry` experiment: RSI, EB and their cosine along SGD/momentum/Adam paths.
 
 Command:  python -m experiments run geometry [--variant smoke|quick|full] [--config.key=value ...]
-Runtime:  smoke: about 5 s (tests). quick: RUNTIME_QUICK on a 2-core CPU: MLPs on digits
-          (30 epochs) and MNIST-1D (15 epochs), constant learning rates, 3 optimizers x 5
+Runtime:  smoke: about 7 s (tests). quick: 260-328 s wall on the shared 2-core CPU under a
+          load average of 15-20 (65-94 s of CPU time; 19-48 s in the study's training): MLPs
+          on digits (30 epochs) and MNIST-1D (15 epochs), constant learning rates, 3 optimizers x 5
           seeds, each trained by the study and then twice more by the replay (train, keep
           w_T, replay measuring every step). full: ResNet-20 on CIFAR-10 (TFDS or raw files
           in --config.data_dir), batch 256, 100 epochs, 3 seeds, 3 optimizers; the replay

@@ -1,7 +1,8 @@
 """Config of the `ood` experiment: SGD, momentum and Adam under distribution shift.
 
 Command:  python -m experiments run ood [--variant smoke|quick|full] [--config.key=value ...]
-Runtime:  smoke: about 5 s (tests). quick: RUNTIME_QUICK on a 2-core CPU: an MLP on digits
+Runtime:  smoke: about 7 s (tests). quick: 130-244 s wall on the shared 2-core CPU under a
+          load average of 15-20 (30-43 s of CPU time): an MLP on digits
           (clean training; rotated and noisy test sets) and on digits with a spurious
           border marker (90 % label-correlated in training, independent at test), 40
           epochs, cosine decay, 3 optimizers x 4 learning rates x 5 seeds per task (each
