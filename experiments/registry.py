@@ -97,7 +97,37 @@ EXPERIMENTS: dict[str, Experiment] = {
             ),
             variants=("smoke", "quick", "full"),
             runtime=(
-                "quick: 94 s on a 2-core CPU (cold compilation cache); "
+                "quick: 94 s on a 2-core CPU (cold compilation cache); full: about a day on one GPU"
+            ),
+        ),
+        Experiment(
+            "geometry",
+            "experiments.runners.geometry",
+            "experiments.configs.geometry",
+            claim=(
+                "Along SGD, momentum and Adam paths the mini-batch gradient's cosine with "
+                "w - w* (w* the final iterate) stays positive, and the locally optimal "
+                "learning rate RSI/EB² traces warm-up, plateau and decay (Guille-Escuret, "
+                "Naganuma, Fatras, Mitliagkas, ICML 2024)."
+            ),
+            variants=("smoke", "quick", "full"),
+            runtime=(
+                "quick: 260-328 s wall on a shared 2-core CPU at load 15-20 (65-94 s CPU); "
+                "full: about a day on one GPU"
+            ),
+        ),
+        Experiment(
+            "ood",
+            "experiments.runners.ood",
+            "experiments.configs.ood",
+            claim=(
+                "Adaptive optimizers (Adam) generalise worse out of distribution (rotated, "
+                "noisy, spurious-feature test sets) than SGD and momentum SGD at equal "
+                "in-distribution accuracy (Naganuma et al., TMLR 2023)."
+            ),
+            variants=("smoke", "quick", "full"),
+            runtime=(
+                "quick: 130-244 s wall on a shared 2-core CPU at load 15-20 (30-43 s CPU); "
                 "full: about a day on one GPU"
             ),
         ),

@@ -162,10 +162,16 @@ def verdicts(
                     c.metric,
                     study.seeds,
                 )
-                b = _by_seed(
-                    _rows(records, task, c.baseline, selection[f"{task}/{c.baseline}"]["point"]),
-                    c.metric,
-                    study.seeds,
+                b = (
+                    np.full(len(study.seeds), c.bound)
+                    if c.bound is not None
+                    else _by_seed(
+                        _rows(
+                            records, task, c.baseline, selection[f"{task}/{c.baseline}"]["point"]
+                        ),
+                        c.metric,
+                        study.seeds,
+                    )
                 )
                 result = stats.paired(a, b, higher_is_better=c.higher_is_better)
                 entry.update(
@@ -176,7 +182,11 @@ def verdicts(
                 )
             else:
                 a = _axis_values(study, records, selection, c, c.method, task)
-                b = _axis_values(study, records, selection, c, c.baseline, task)
+                b = (
+                    np.full_like(a, c.bound)
+                    if c.bound is not None
+                    else _axis_values(study, records, selection, c, c.baseline, task)
+                )
                 if c.aggregate == "sensitivity":
                     spread = stats.paired(
                         _aggregate(a, "spread"),

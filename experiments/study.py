@@ -8,9 +8,10 @@ A **study** declares what to train and what to conclude; :func:`run_study` owns 
   (grids such as the learning rate, rho or sigma) of which some are **tuned** on the
   validation split and the others reported across (sensitivity);
 - **seeds**: every (task, method, grid point) runs once per seed;
-- **claims** (:class:`Claim`): method vs baseline on a metric, at the reported points or
-  aggregated over an axis (``spread``, ``drop``, ``worst``, ``mean``, or ``sensitivity``:
-  a smaller spread that only holds if the worst and mean values are not worse);
+- **claims** (:class:`Claim`): method vs baseline on a metric (or, with a ``bound``, one
+  method's metric against a fixed value), at the reported points or aggregated over an
+  axis (``spread``, ``drop``, ``worst``, ``mean``, or ``sensitivity``: a smaller spread
+  that only holds if the worst and mean values are not worse);
 - **hooks**: ``make_tx``, ``eval_params`` (e.g. Lookahead's slow weights), ``evaluators``
   (in-training probes), ``final_metrics`` (e.g. the Hessian's top eigenvalue), ``make_plan``
   (the trainer hook: worker partitions, task streams, batch-size schedules, client
@@ -184,6 +185,9 @@ class Claim:
         (spread lower, guarded by worst and mean not worse).
       tasks: the tasks it applies to (empty: all).
       text: the claim in words (default: built from the fields).
+      bound: a one-sample claim: ``method``'s metric is above (``higher_is_better``) or
+        below ``bound``, judged like a paired claim against a baseline equal to ``bound``
+        on every seed (a one-sample t-interval); ``baseline`` is then ``""``.
     """
 
     method: str
@@ -194,6 +198,7 @@ class Claim:
     aggregate: str = "mean"
     tasks: tuple[str, ...] = ()
     text: str = ""
+    bound: float | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -348,6 +353,21 @@ def claims_from_config(
     out = []
     for key, entry in config.claims.items():
         entry = dict(entry)
+        if entry.get("bound") is not None:  # one-sample: no baseline method
+            entry.setdefault("baseline", "")
+            if entry["baseline"]:
+                raise ValueError(f"claims.{key}: a claim with a bound takes no baseline.")
+            if entry.get("method") not in config.methods:
+                raise ValueError(
+                    f"claims.{key}.method: {entry.get('method')!r} is not in methods "
+                    f"(known: {sorted(config.methods)})."
+                )
+            if entry["method"] in known:
+                entry["tasks"] = tuple(entry.get("tasks", ()))
+                entry["bound"] = float(entry["bound"])
+                out.append(Claim(**entry))
+            continue
+        entry.pop("bound", None)
         for field in ("method", "baseline"):
             if field not in entry:
                 raise ValueError(f"claims.{key}.{field} is required.")
@@ -439,8 +459,12 @@ def _validate_study(study: Study) -> None:
         for name in c.tasks:
             if name not in {task.name for task in study.tasks}:
                 raise ValueError(f"claim {c.method} vs {c.baseline}: unknown task {name!r}.")
+        if (c.bound is None) == (c.baseline == ""):
+            raise ValueError(
+                f"claim {c.method} vs {c.baseline!r}: give a baseline method or a bound, not both."
+            )
         if c.over and c.over != "task":
-            for name in (c.method, c.baseline):
+            for name in (c.method, c.baseline) if c.bound is None else (c.method,):
                 if c.over not in study.method(name).axes:
                     raise ValueError(
                         f"claim {c.method} vs {c.baseline}: {name!r} has no axis {c.over!r}."
@@ -485,6 +509,9 @@ def claim_text(c: Claim) -> str:
         return c.text
     direction = "higher" if c.higher_is_better else "lower"
     over = f", {c.aggregate} over {c.over}" if c.over else ""
+    if c.bound is not None:
+        side = "above" if c.higher_is_better else "below"
+        return f"{c.method}: {c.metric}{over} {side} {c.bound:g}"
     return f"{c.method} vs {c.baseline}: {direction} {c.metric}{over}"
 
 

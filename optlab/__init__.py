@@ -22,6 +22,7 @@ from optlab.lookahead import LookaheadState, lookahead, multilayer_lookahead, sl
 from optlab.mean_gradients import mean_gradients
 from optlab.palsgd import PALSGDState, palsgd, palsgd_is_pseudo_sync, palsgd_outer_params
 from optlab.parallel import data_parallel_value_and_grad, pvary
+from optlab.path_geometry import PathGeometry, path_geometry
 from optlab.perturbation import grad_at_point, safe_global_norm
 from optlab.sa_sam import SASAMState, sa_sam
 from optlab.sam import SAMState, asam_scale, asam_weight_mask, sam
@@ -38,6 +39,7 @@ __all__ = [
     "LocalSGDState",
     "LookaheadState",
     "PALSGDState",
+    "PathGeometry",
     "SAMState",
     "SASAMState",
     "__version__",
@@ -65,6 +67,7 @@ __all__ = [
     "palsgd_is_pseudo_sync",
     "palsgd_outer_params",
     "parallel",
+    "path_geometry",
     "perturbation",
     "pvary",
     "sa_sam",

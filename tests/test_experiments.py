@@ -209,3 +209,92 @@ def test_extrapolation_scales_the_rate_with_the_batch_and_ties_gamma_to_it():
     true = optlab.extrapolation_eval_params(params, state)
     np.testing.assert_allclose(np.asarray(true), -0.04 * np.ones(3), rtol=1e-6)
     assert not np.allclose(np.asarray(params), np.asarray(true))
+
+
+# --- geometry -----------------------------------------------------------------------------------
+
+
+def test_geometry_shape_test_and_window_medians():
+    """Warm-up, plateau, decay passes the shape test; a monotone decay has no warm-up."""
+    from experiments.configs.geometry import get_config
+    from experiments.runners import geometry
+
+    steps = np.arange(200.0)
+    bump = np.minimum(steps / 40, 1) * np.where(steps > 150, (200 - steps) / 50, 1) + 0.05
+    noisy = bump + np.random.default_rng(0).normal(0, 0.01, 200) * (steps % 7 == 0)
+    shape = geometry.lr_shape(np.stack([noisy, np.linspace(1.0, 0.1, 200)]), windows=10)
+    assert shape["lr_start"][0] < 0.5
+    assert shape["lr_end"][0] < 0.5
+    assert 0 < shape["lr_peak_at"][0] < 1
+    assert shape["lr_start"][1] == pytest.approx(1.0)
+    assert shape["lr_peak_at"][1] == 0
+    medians = geometry.window_medians(np.arange(10.0)[None], 3)
+    np.testing.assert_allclose(medians, [[1.5, 5.0, 8.0]])
+    config = get_config("smoke")
+    config.methods.sgd.axes = {"learning_rate": (0.1, 0.2)}
+    with pytest.raises(ValueError, match="one point per method"):
+        geometry.build_study(config)
+    config = get_config("smoke")
+    config.l2 = 1e-4
+    with pytest.raises(ValueError, match="l2 and workers must be 0"):
+        geometry.build_study(config)
+
+
+# --- ood ----------------------------------------------------------------------------------------
+
+
+def test_ood_matched_id_interpolates_the_baseline_curve():
+    from experiments.runners.ood import matched_id
+
+    def rec(method, seed, test, rotated, diverged=None):
+        return {
+            "task": "t",
+            "method": method,
+            "seed": seed,
+            "test_accuracy": test,
+            "rotated_accuracy": rotated,
+            "diverged_at_step": diverged,
+        }
+
+    records = [
+        rec("sgd", 0, 0.8, 0.5),
+        rec("sgd", 0, 0.9, 0.6),
+        rec("sgd", 0, 0.1, 0.1, diverged=3),  # left out
+        rec("adam", 0, 0.85, 0.5),  # baseline interpolates to 0.55: -0.05
+        rec("adam", 0, 0.95, 0.9),  # outside the baseline's ID range: left out
+        rec("sgd", 1, 0.7, 0.4),
+        rec("sgd", 1, 0.9, 0.4),
+        rec("adam", 1, 0.8, 0.5),  # +0.1
+    ]
+    diffs, matched = matched_id(records, "t", "rotated", "adam", "sgd", (0, 1, 2))
+    np.testing.assert_allclose(diffs[:2], [-0.05, 0.1])
+    assert np.isnan(diffs[2])
+    assert matched == 2
+
+
+def test_ood_spurious_task_marks_train_and_id_test_and_breaks_it_out_of_distribution():
+    from experiments.configs.ood import get_config
+    from experiments.data import load_dataset
+    from experiments.data.shifts import border_pixels
+    from experiments.runners import ood
+
+    config = get_config("smoke")
+    hooks = ood._Hooks(config)
+    data = load_dataset("digits", max_train=400, max_test=300)
+    task = st.Task("spurious", "digits", "mlp", batch_size=8, steps=1)
+    prepared = hooks.prepare_data(
+        st.TaskData(task, data, data.x_test[:50], data.y_test[:50], (), 1, 8)
+    )
+    border = border_pixels(8, 8)
+    value = float(data.x_train.max())
+
+    def agreement(x, y):
+        on = x[:, border[:, 0], border[:, 1], 0] == value
+        return np.mean(on.reshape(len(x), 10 + 4, 2)[np.arange(len(x)), y].all(-1))
+
+    ds = prepared.dataset
+    assert agreement(ds.x_train, ds.y_train) > 0.85
+    assert agreement(ds.x_test, ds.y_test) > 0.85
+    assert agreement(prepared.x_val, prepared.y_val) > 0.8
+    assert agreement(hooks.sets["spurious"]["spurious"], ds.y_test) < 0.25
+    assert set(ood.shifts_of(config, "digits")) == {"rotated", "noisy"}

@@ -260,6 +260,35 @@ def test_task_claim_drop_and_sensitivity_aggregates():
     assert verdict["outcome"] == stats.NOT_HELD
 
 
+def test_one_sample_claims_against_a_bound():
+    """A claim with a bound pairs the method with that constant on every seed."""
+    study = _study(
+        claims=(
+            st.Claim("sgd", "", metric="fraction", bound=0.9),
+            st.Claim("sgd", "", metric="fraction", bound=0.99),
+            st.Claim("sgd", "", metric="peak", bound=0.5, higher_is_better=False),
+        ),
+    )
+    fractions, peaks = [0.95, 0.97, 0.96], [0.2, 0.6, 0.4]
+    records = [
+        {"task": "digits", "method": "sgd", "point": {"learning_rate": 0.1}, "seed": s}
+        | {"fraction": f, "peak": p}
+        for s, f, p in zip(study.seeds, fractions, peaks, strict=True)
+    ]
+    above, below, peak = rs.verdicts(study, records, rs.select(study, records))
+    assert above["claim"] == "digits: sgd: fraction above 0.9"
+    assert (above["outcome"], below["outcome"], peak["outcome"]) == (
+        stats.HELD,
+        stats.NOT_HELD,
+        stats.INCONCLUSIVE,
+    )
+    expected = stats.paired(fractions, [0.9] * 3)
+    assert above["detail"]["low"] == pytest.approx(expected.low)
+    assert above["baseline_value"]["mean"] == 0.9
+    with pytest.raises(ValueError, match="a baseline method or a bound, not both"):
+        _study(claims=(st.Claim("sgd", "adam", bound=0.5),))
+
+
 @pytest.mark.parametrize(
     ("change", "pattern"),
     [
