@@ -74,12 +74,16 @@ def test_dsgd_runner_trains_as_the_paper_loop_and_probes_every_worker():
         "centralized": np.full((W, W), 1.0 / W),
         "decentralized": np.asarray(optlab.mixing_matrix("ring", W)),
     }
+    init, grad = (
+        jax.jit(_init),
+        jax.jit(jax.grad(_ce)),
+    )  # one compile each (eager ops compile per op)
     for communication in ("centralized", "decentralized"):
         method = {**spec, "communication": communication, "topology": "ring"}
         result = train_group(
             loss_fn=_loss,
             make_tx=functools.partial(_runner_tx, method, task),
-            init_fn=_init,
+            init_fn=init,
             x=x,
             y=y,
             plan=plan,
@@ -91,17 +95,22 @@ def test_dsgd_runner_trains_as_the_paper_loop_and_probes_every_worker():
             log_every=2,
         )
         # The reference: plain float64 loop over the workers.
-        p0 = jax.tree.map(lambda a: np.asarray(a, np.float64), _init(jax.random.key(0))[0])
+        p0 = {k: np.asarray(v, np.float64) for k, v in init(jax.random.key(0))[0].items()}
         xs = [dict(p0) for _ in range(W)]
-        grad = jax.jit(jax.grad(_ce))
         for t in range(steps):
-            g = [grad(xs[i], x[idx[t, i]], y[idx[t, i]]) for i in range(W)]
+            g = [
+                {
+                    k: np.asarray(v, np.float64)
+                    for k, v in grad(xs[i], x[idx[t, i]], y[idx[t, i]]).items()
+                }
+                for i in range(W)
+            ]
             if communication == "centralized":  # C-SGD: everyone applies the mean gradient
-                g = [jax.tree.map(lambda *a: sum(a) / W, *g)] * W
+                g = [{k: sum(gi[k] for gi in g) / W for k in p0}] * W
             xs = [
                 {
                     k: sum(mixing[communication][i, j] * xs[j][k] for j in range(W))
-                    - rates[t] * np.asarray(g[i][k], np.float64)
+                    - rates[t] * g[i][k]
                     for k in p0
                 }
                 for i in range(W)
@@ -121,12 +130,11 @@ def test_gradient_variance_probe_matches_a_loop_over_workers_and_batches():
 
     x, y, parts = _problem()
     model = make_model("mlp", num_classes=C, hidden=(4,))
-    params, state = model.init(jax.random.key(1), x[:1])
+    params, state = jax.jit(model.init)(jax.random.key(1), x[:1])
     xb = np.stack([x[p[:6]].reshape(2, 3, D) for p in parts])  # [W, K=2, 3, D]
     yb = np.stack([y[p[:6]].reshape(2, 3) for p in parts])
-    out = gradalign.gradient_variance_fn(model, xb, yb)(
-        jax.tree.map(lambda a: a[None], params), jax.tree.map(lambda a: a[None], state)
-    )
+    stack = lambda tree: jax.tree.map(lambda a: np.asarray(a)[None], tree)  # one run
+    out = jax.jit(gradalign.gradient_variance_fn(model, xb, yb))(stack(params), stack(state))
 
     @jax.jit
     def grad(xk, yk):  # one worker's gradient on one batch, one call at a time

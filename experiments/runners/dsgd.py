@@ -195,9 +195,12 @@ def build_study(config: ml_collections.ConfigDict) -> st.Study:
             "Equal steps at every total batch (the paper's protocol), plain SGD with the "
             "learning rate scaled linearly with the total batch, a linear warm-up and x0.1 "
             "steps; the base rate tuned per task and method on the validation split.",
-            "The 'drop' verdicts are a difference of differences: per seed, (C-SGD accuracy "
-            "at the large batch - at the small one) - (the same for D-SGD); it holds when "
-            "D-SGD's advantage over C-SGD is larger at the large total batch.",
+            "The 'drop' verdicts are a difference of differences: per seed, D-SGD's drop "
+            "(accuracy at the small total batch - at the large one) minus C-SGD's drop, i.e. "
+            "-[(D - C at the large batch) - (D - C at the small batch)]; it holds when that "
+            "interval is below 0: D-SGD's advantage over C-SGD is larger at the large batch.",
+            "Each method runs at its own validation-tuned rate, so sharpness differences "
+            "also reflect the rates chosen (a larger rate finds flatter minima).",
             "consensus_distance: the final RMS distance of the workers' params from their "
             "mean; its course over training is in <task>/metrics.jsonl (every eval_every "
             "steps). hessian_top_eigenvalue: power iteration on the cross-entropy of the "
