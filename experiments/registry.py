@@ -122,7 +122,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             "experiments.configs.gradalign",
             claim=(
                 "GradAlign (Dandi, Barba, Jaggi, AAAI 2022) reaches a higher test accuracy than "
-                "large-batch (synchronous data-parallel) SGD at a suitable beta and reduces "
+                "large batch (synchronous data parallel) SGD at a suitable beta and reduces "
                 "the normalised variance of the workers' gradients."
             ),
             variants=("smoke", "quick", "full"),
