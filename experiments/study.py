@@ -246,6 +246,7 @@ class Study:
     prepare_data: Callable[[TaskData], TaskData] | None = None
     notes: Callable[[Sequence[Record]], Sequence[str]] | Sequence[str] = ()
     table_metrics: tuple[str, ...] = ("test_accuracy", "val_accuracy", "train_loss")
+    curve_metrics: tuple[str, ...] = ("train_loss", "test_accuracy")  # plotted against steps
     config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     worker_eval: str = "mean"
 

@@ -191,6 +191,7 @@ def build_study(config: ml_collections.ConfigDict) -> st.Study:
             "hessian_top_eigenvalue",
             "train_loss",
         ),
+        curve_metrics=("train_loss", "test_accuracy", "consensus_distance"),
         notes=[
             "Equal steps at every total batch (the paper's protocol), plain SGD with the "
             "learning rate scaled linearly with the total batch, a linear warm-up and x0.1 "
@@ -202,9 +203,9 @@ def build_study(config: ml_collections.ConfigDict) -> st.Study:
             "Each method runs at its own validation-tuned rate, so sharpness differences "
             "also reflect the rates chosen (a larger rate finds flatter minima).",
             "consensus_distance: the final RMS distance of the workers' params from their "
-            "mean; its course over training is in <task>/metrics.jsonl (every eval_every "
-            "steps). hessian_top_eigenvalue: power iteration on the cross-entropy of the "
-            f"final average model ({config.sharpness.iters} iterations, first "
+            "mean; its course over training (every eval_every steps) is in the curves and "
+            "<task>/metrics.jsonl. hessian_top_eigenvalue: power iteration on the "
+            f"cross-entropy of the final average model ({config.sharpness.iters} iterations, first "
             f"{config.sharpness.num_examples} training examples, evaluation mode).",
             "Not run: the reference code's optional per-step random relabelling of the nodes "
             "(optlab.dsgd has fixed topologies) and ImageNet pretraining.",

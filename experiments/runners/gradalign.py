@@ -157,6 +157,7 @@ def build_study(config: ml_collections.ConfigDict) -> st.Study:
             "grad_variance",
             "train_loss",
         ),
+        curve_metrics=("train_loss", "test_accuracy", "grad_variance_normalized"),
         notes=[
             "Equal steps, not equal compute: GradAlign takes two gradients per step, "
             "large-batch SGD one. Both average over the same workers' batches.",
@@ -165,7 +166,7 @@ def build_study(config: ml_collections.ConfigDict) -> st.Study:
             f"{config.gradient_variance.num_batches} fixed batches (the first of its "
             "partition), cross-entropy without L2, evaluation mode, on the final (average) "
             "model; grad_variance is the unnormalised numerator per batch. Their course "
-            "over training is in <task>/metrics.jsonl.",
+            "over training is in the curves and <task>/metrics.jsonl.",
             "beta is tuned on the validation split with the learning rate (the other beta "
             "values are in results.json and the beta plot).",
         ],
