@@ -106,7 +106,7 @@ def test_dsgd_runner_trains_as_the_paper_loop_and_probes_every_worker():
                 for i in range(W)
             ]
             if communication == "centralized":  # C-SGD: everyone applies the mean gradient
-                g = [{k: sum(gi[k] for gi in g) / W for k in p0}] * W
+                g = [{k: np.mean([gi[k] for gi in g], axis=0) for k in p0}] * W
             xs = [
                 {
                     k: sum(mixing[communication][i, j] * xs[j][k] for j in range(W))

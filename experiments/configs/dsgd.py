@@ -37,7 +37,10 @@ METHOD_NAMES = ("csgd", "dsgd_ring", "dsgd_exponential")
 
 
 def _methods(base: dict[str, Any], rates: tuple[float, ...]) -> dict[str, dict[str, Any]]:
-    tuned = {**base, "axes": {"learning_rate": rates}, "tune": ("learning_rate",)}
+    """The three methods; ``rates`` is the tuned grid of the base rate (``()``: none)."""
+    tuned = (
+        {**base, "axes": {"learning_rate": rates}, "tune": ("learning_rate",)} if rates else base
+    )
     return {
         "csgd": {**tuned, "communication": "centralized"},
         "dsgd_ring": {**tuned, "communication": "decentralized", "topology": "ring"},
@@ -87,7 +90,7 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
         }
         sizes = {"b32": 4, "b256": 32}  # per-worker batch; 8 workers
         steps = 6 if smoke else 400
-        methods = _methods(base, (0.1,) if smoke else (0.1, 0.2, 0.4, 0.8))
+        methods = _methods(base, () if smoke else (0.1, 0.2, 0.4, 0.8))
         config = study_config(
             seeds=(0,) if smoke else (0, 1, 2, 3, 4),
             model="mlp",
