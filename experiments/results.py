@@ -468,7 +468,9 @@ def _pct(x: Any) -> str:
 
 
 def plot_curves(study: Study, workdir: Path, selection: Mapping[str, Any]) -> list[str]:
-    """Per task: training loss and test accuracy vs step, mean ± std over seeds, per method."""
+    """Per task: ``study.curve_metrics`` (training loss and test accuracy by default) vs step,
+    mean ± std over seeds, per method at its reported point (log scale for losses, distances
+    and variances)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -479,14 +481,11 @@ def plot_curves(study: Study, workdir: Path, selection: Mapping[str, Any]) -> li
         records = read_metrics(workdir / task.name / "metrics.jsonl")
         if not records:
             continue
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for ax, key, label, log in zip(
-            axes,
-            ("train_loss", "test_accuracy"),
-            ("training loss", "test accuracy"),
-            (True, False),
-            strict=True,
-        ):
+        keys = study.curve_metrics
+        fig, axes = plt.subplots(1, len(keys), figsize=(5.5 * len(keys), 4), squeeze=False)
+        for ax, key in zip(axes[0], keys, strict=True):
+            label = {"train_loss": "training loss"}.get(key, key.replace("_", " "))
+            log = key.endswith(("loss", "distance", "variance", "variance_normalized"))
             for m in study.methods:
                 label_point = point_label(selection[f"{task.name}/{m.name}"]["point"])
                 rows = [
@@ -519,7 +518,7 @@ def plot_curves(study: Study, workdir: Path, selection: Mapping[str, Any]) -> li
             if log:
                 ax.set_yscale("log")
             ax.grid(alpha=0.3)
-        axes[0].legend(fontsize=7)
+        axes[0][0].legend(fontsize=7)
         fig.suptitle(f"{study.name}: {task.name} ({task.dataset} / {task.model})")
         fig.tight_layout()
         name = f"curves_{task.name}.png"

@@ -13,10 +13,11 @@ A **study** declares what to train and what to conclude; :func:`run_study` owns 
   axis (``spread``, ``drop``, ``worst``, ``mean``, or ``sensitivity``: a smaller spread
   that only holds if the worst and mean values are not worse);
 - **hooks**: ``make_tx``, ``eval_params`` (e.g. Lookahead's slow weights), ``evaluators``
-  (in-training probes), ``final_metrics`` (e.g. the Hessian's top eigenvalue), ``make_plan``
-  (the trainer hook: worker partitions, task streams, batch-size schedules, client
-  sampling), ``prepare_data`` (shifts and streams: e.g. the training arrays as blocks of
-  permuted copies, one per task), ``make_loss`` and ``notes``.
+  (in-training probes), ``worker_probes`` (in worker mode, probes of every worker's own
+  weights, e.g. their consensus distance), ``final_metrics`` (e.g. the Hessian's top
+  eigenvalue), ``make_plan`` (the trainer hook: worker partitions, task streams,
+  batch-size schedules, client sampling), ``prepare_data`` (shifts and streams: e.g. the
+  training arrays as blocks of permuted copies, one per task), ``make_loss`` and ``notes``.
 
 :func:`run_study` trains every run, **vectorized**: the seeds and the float grid points of
 one (task, method) train as one jitted program (:func:`experiments.train.vectorized.train_group`).
@@ -241,6 +242,7 @@ class Study:
     claims: tuple[Claim, ...] = ()
     eval_params: Callable[[Method], Callable[[TrainState], PyTree] | None] | None = None
     evaluators: Callable[[TaskData, Any], Mapping[str, StackedEvaluator]] | None = None
+    worker_probes: Callable[[TaskData, Any], Mapping[str, StackedEvaluator]] | None = None
     final_metrics: Callable[[TaskData, Method, Any, PyTree, PyTree], Mapping[str, Any]] | None = (
         None
     )
@@ -249,6 +251,7 @@ class Study:
     prepare_data: Callable[[TaskData], TaskData] | None = None
     notes: Callable[[Sequence[Record]], Sequence[str]] | Sequence[str] = ()
     table_metrics: tuple[str, ...] = ("test_accuracy", "val_accuracy", "train_loss")
+    curve_metrics: tuple[str, ...] = ("train_loss", "test_accuracy")  # plotted against steps
     config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     worker_eval: str = "mean"
 
@@ -744,6 +747,15 @@ def _run_task(
             out.update({f"{name}_{k}": v for k, v in fn(params, model_state).items()})
         return out
 
+    probes = study.worker_probes(data, model) if study.worker_probes and task.workers else {}
+
+    @jax.jit
+    def evaluate_workers(params, model_state):  # [R, W, ...]: every worker's own weights
+        out = {}
+        for name, fn in probes.items():
+            out.update({f"{name}_{k}": v for k, v in fn(params, model_state).items()})
+        return out
+
     @jax.jit
     def final_evaluate(params, model_state):
         return {f"train_{k}": v for k, v in train_eval(params, model_state).items()}
@@ -807,6 +819,7 @@ def _run_task(
                 final_evaluate=final_evaluate,
                 eval_params=eval_params,
                 worker_eval=study.worker_eval,
+                evaluate_workers=evaluate_workers if probes else None,
                 log_every=task.log_every,
                 eval_every=task.eval_every,
                 checkpoint_every=task.checkpoint_every,

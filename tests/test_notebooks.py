@@ -17,6 +17,7 @@ SMOKE_PARAMETERS = {
     "quickstart": "STEPS = 20\nSEEDS = (0,)\nMETHODS = ('sgd', 'adam')",
     "lookahead": "STEPS = 30\nEVAL_EVERY = 3",
     "sam": "STEPS = 20\nSEEDS = (0,)\nSHARPNESS_EXAMPLES = 64\nPOWER_ITERS = 3\nTRACE_SAMPLES = 2",
+    "distributed": "STEPS = 12\nSYNC_PERIOD = 4",
 }
 ALL = sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb"))
 
@@ -43,8 +44,12 @@ def test_notebook_executes_headless(name, tmp_path):
         i for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", [])
     )
     notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(SMOKE_PARAMETERS[name]))
-    client = NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client = NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOKS)}},
+    )
     client.execute()
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]

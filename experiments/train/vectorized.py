@@ -402,6 +402,7 @@ def train_group(
     final_evaluate: StackedEvaluator | None = None,
     eval_params: Callable[[TrainState], PyTree] | None = None,
     worker_eval: str = "mean",
+    evaluate_workers: StackedEvaluator | None = None,
     log_every: int = 25,
     eval_every: int = 0,
     checkpoint_every: int = 0,
@@ -430,6 +431,9 @@ def train_group(
         state, e.g. Lookahead's slow weights; default ``state.params``.
       worker_eval: in worker mode, ``"mean"`` evaluates the workers' mean params (and
         mean model state); ``"per_worker"`` evaluates every worker and averages the metrics.
+      evaluate_workers: worker mode only: ``evaluate_workers(params [R, W, ...],
+        model_state [R, W, ...]) -> {name: [R]}`` on every worker's own weights (e.g. their
+        consensus distance), run with ``evaluate`` and merged into its results.
       log_every: steps per jitted chunk and per logged training-metric window.
       eval_every, checkpoint_every: multiples of ``log_every`` (0: only at the end).
       devices: 1, or data-parallel / worker-sharded over that many devices.
@@ -466,13 +470,17 @@ def train_group(
     hp_dev = layout.put_data(hp) if hp else {}
     workers = plan.workers
 
-    def evaluate_all(state, evaluate) -> dict[str, np.ndarray]:
+    def evaluate_all(state, evaluate, on_workers=None) -> dict[str, np.ndarray]:
         if evaluate is None:
             return {}
         params, model_state = group_eval_weights(state, eval_params, workers, worker_eval)
         out = evaluate(params, model_state)
         if workers and worker_eval == "per_worker":
             out = {k: v.reshape(num_runs, workers).mean(1) for k, v in out.items()}
+        if workers and on_workers is not None:  # every worker's own weights, [R, W, ...]
+            select = eval_params or (lambda s: s.params)
+            own = jax.vmap(jax.vmap(lambda s: (select(s), s.model_state)))(state)
+            out = {**out, **on_workers(*own)}
         return {k: np.asarray(v, np.float64) for k, v in jax.device_get(out).items()}
 
     checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints")) if run_dir else None
@@ -520,7 +528,7 @@ def train_group(
             if on_progress is not None:
                 on_progress(length)
             is_eval = bool(eval_every) and step % eval_every == 0 and step != steps
-            record_eval = evaluate_all(state, evaluate) if is_eval else {}
+            record_eval = evaluate_all(state, evaluate, evaluate_workers) if is_eval else {}
             if metrics is not None:
                 wall = time.perf_counter() - t0
                 for r, writer in enumerate(metrics):
@@ -535,7 +543,7 @@ def train_group(
                 checkpointer.save(step, state)
         if checkpointer is not None:
             checkpointer.wait()
-        final = evaluate_all(state, evaluate)
+        final = evaluate_all(state, evaluate, evaluate_workers)
         final.update(evaluate_all(state, final_evaluate))
         diverged = np.asarray(jax.device_get(state.first_nonfinite_step)).reshape(num_runs, -1)
         diverged_at = diverged.max(axis=1).astype(np.int64)  # workers agree (mean loss)
