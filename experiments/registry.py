@@ -97,9 +97,21 @@ EXPERIMENTS: dict[str, Experiment] = {
             ),
             variants=("smoke", "quick", "full"),
             runtime=(
-                "quick: 94 s on a 2-core CPU (cold compilation cache); "
-                "full: about a day on one GPU"
+                "quick: 94 s on a 2-core CPU (cold compilation cache); full: about a day on one GPU"
             ),
+        ),
+        Experiment(
+            "local_sgd",
+            "experiments.runners.local_sgd",
+            "experiments.configs.local_sgd",
+            claim=(
+                "On 8 workers DiLoCo matches synchronous data parallelism while communicating "
+                "H times less (Douillard et al. 2023), and PALSGD reaches the same quality in "
+                "less time than DiLoCo and data parallelism (Naganuma et al., TMLR 2025); "
+                "Local SGD and post-local SGD (Stich 2019; Lin et al. 2020) as references."
+            ),
+            variants=("smoke", "quick", "full"),
+            runtime="MEASURED_QUICK_REGISTRY",
         ),
     )
 }
