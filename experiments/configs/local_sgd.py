@@ -114,14 +114,14 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
             l2=5e-4,
             batch_size=16,  # per worker
             log_every=5 if smoke else 10,
-            eval_every=10 if smoke else 20,
+            eval_every=10,
             tasks={
                 "digits": {
                     "dataset": "digits",
                     "model": "mlp",
                     "workers": 8,
                     "partition": "iid",
-                    "steps": 10 if smoke else 400,
+                    "steps": 10 if smoke else 300,
                 },
             },
             method_names=("dp", "palsgd") if smoke else METHODS,
