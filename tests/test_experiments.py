@@ -80,7 +80,9 @@ def test_every_quick_method_builds_and_steps():
         # Worker-mode studies build their transforms on the worker axis: two workers.
         axis = "workers" if study.tasks[0].workers else None
         for method in study.methods:
-            for point in st.points(method):
+            # Worker mode compiles each point: its first one (the rest differ in floats only
+            # and are built by build_study's validation).
+            for point in st.points(method)[: 1 if axis else None]:
                 ctx = st.TxContext(study.tasks[0], 100, axis, 10, 32)
                 tx = optax.with_extra_args_support(study.make_tx({**method.spec, **point}, ctx))
                 grads = jax.grad(loss)(params)

@@ -337,7 +337,7 @@ def format_communication(result: Mapping[str, Any]) -> str:
         [
             f"Communication: {result['workers']} workers, one per device (shard_map), MLP on "
             f"digits, batch {result['batch_size']} per worker, params "
-            f"{result['param_bytes'] / 1024:.1f} KiB. Bytes = operand bytes of the compiled "
+            f"{result['param_bytes'] / 1024:.1f} KiB. Bytes = result bytes of the compiled "
             f"collectives per step and device, sync branches weighted 1/H (H={h}); goal for "
             f"local_sgd and diloco: <= 1/H = {goal:.3f} of DP.",
             format_table(
