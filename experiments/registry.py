@@ -114,6 +114,23 @@ EXPERIMENTS: dict[str, Experiment] = {
             runtime=(
                 "quick: 260-328 s wall on a shared 2-core CPU at load 15-20 (65-94 s CPU); "
                 "full: about a day on one GPU"
+                "full: about a day on one GPU"
+            ),
+        ),
+        Experiment(
+            "local_sgd",
+            "experiments.runners.local_sgd",
+            "experiments.configs.local_sgd",
+            claim=(
+                "On 8 workers DiLoCo matches synchronous data parallelism while communicating "
+                "H times less (Douillard et al. 2023), and PALSGD reaches the same quality in "
+                "less time than DiLoCo and data parallelism (Naganuma et al., TMLR 2025); "
+                "Local SGD and post-local SGD (Stich 2019; Lin et al. 2020) as references."
+            ),
+            variants=("smoke", "quick", "full"),
+            runtime=(
+                "quick: 288 s wall on a contended 2-core CPU (66 s of CPU time, cold "
+                "compilation cache); full: GPU/TPU"
             ),
         ),
         Experiment(

@@ -279,6 +279,8 @@ def write_results(
     plots = []
     try:
         plots += plot_curves(study, workdir, selection)
+        for label, x_of in study.curve_x.items():
+            plots += plot_curves(study, workdir, selection, x=(label, x_of))
         plots += plot_axes(study, workdir, summary)
     except ImportError:  # pragma: no cover - matplotlib is a harness dependency
         pass
@@ -467,10 +469,19 @@ def _pct(x: Any) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{100 * x:.2f} %"
 
 
-def plot_curves(study: Study, workdir: Path, selection: Mapping[str, Any]) -> list[str]:
+def plot_curves(
+    study: Study,
+    workdir: Path,
+    selection: Mapping[str, Any],
+    x: tuple[str, Any] | None = None,
+) -> list[str]:
     """Per task: ``study.curve_metrics`` (training loss and test accuracy by default) vs step,
     mean ± std over seeds, per method at its reported point (log scale for losses, distances
-    and variances)."""
+    and variances).
+
+    ``x = (label, x_of)`` plots against ``x_of(spec, records of one run)`` (one value per
+    record, e.g. communication rounds) instead of the step, averaged over seeds.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -502,18 +513,33 @@ def plot_curves(study: Study, workdir: Path, selection: Mapping[str, Any]) -> li
                     continue
                 steps = sorted({r["step"] for r in rows})
                 grid = np.full((len(study.seeds), len(steps)), np.nan)
+                xs = np.full_like(grid, np.nan)
                 for r in rows:
                     if r["seed"] in study.seeds and r[key] is not None:
                         grid[study.seeds.index(r["seed"]), steps.index(r["step"])] = r[key]
+                if x is not None:
+                    spec = {**m.spec, **selection[f"{task.name}/{m.name}"]["point"]}
+                    for seed in study.seeds:
+                        run = [
+                            r
+                            for r in records
+                            if r.get("method") == m.name
+                            and r.get("point") == label_point
+                            and r.get("seed") == seed
+                        ]
+                        for r, value in zip(run, x[1](spec, run), strict=True):
+                            if r in rows:
+                                xs[study.seeds.index(seed), steps.index(r["step"])] = value
                 with np.errstate(all="ignore"):
                     import warnings
 
                     with warnings.catch_warnings():
                         warnings.simplefilter("ignore", RuntimeWarning)
                         mean, std = np.nanmean(grid, 0), np.nanstd(grid, 0)
-                (line,) = ax.plot(steps, mean, label=m.name)
-                ax.fill_between(steps, mean - std, mean + std, color=line.get_color(), alpha=0.2)
-            ax.set_xlabel("step")
+                        at = steps if x is None else np.nanmean(xs, 0)
+                (line,) = ax.plot(at, mean, label=m.name)
+                ax.fill_between(at, mean - std, mean + std, color=line.get_color(), alpha=0.2)
+            ax.set_xlabel("step" if x is None else x[0])
             ax.set_ylabel(label)
             if log:
                 ax.set_yscale("log")
@@ -521,7 +547,8 @@ def plot_curves(study: Study, workdir: Path, selection: Mapping[str, Any]) -> li
         axes[0][0].legend(fontsize=7)
         fig.suptitle(f"{study.name}: {task.name} ({task.dataset} / {task.model})")
         fig.tight_layout()
-        name = f"curves_{task.name}.png"
+        slug = "" if x is None else "_" + "".join(c if c.isalnum() else "_" for c in x[0])
+        name = f"curves_{task.name}{slug}.png"
         fig.savefig(workdir / name, dpi=100)
         plt.close(fig)
         files.append(name)

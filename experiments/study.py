@@ -17,7 +17,11 @@ A **study** declares what to train and what to conclude; :func:`run_study` owns 
   weights, e.g. their consensus distance), ``final_metrics`` (e.g. the Hessian's top
   eigenvalue), ``make_plan`` (the trainer hook: worker partitions, task streams,
   batch-size schedules, client sampling), ``prepare_data`` (shifts and streams: e.g. the
-  training arrays as blocks of permuted copies, one per task), ``make_loss`` and ``notes``.
+  training arrays as blocks of permuted copies, one per task), ``make_loss``, ``notes``,
+  ``grad_skip`` (steps whose gradient the optimizer ignores, e.g. PALSGD's pseudo-syncs,
+  skip the forward/backward), ``history_metrics`` (per-run metrics from the logged curve,
+  e.g. time to a target) and ``curve_x`` (more curve plots, against e.g. communication
+  rounds or gradient evaluations).
 
 :func:`run_study` trains every run, **vectorized**: the seeds and the float grid points of
 one (task, method) train as one jitted program (:func:`experiments.train.vectorized.train_group`).
@@ -59,7 +63,7 @@ from experiments.distributed import is_main_process
 from experiments.errors import ConfigError
 from experiments.models import make_model, model_names
 from experiments.train.losses import classification_loss, make_stacked_evaluator
-from experiments.train.metrics import MetricsWriter
+from experiments.train.metrics import MetricsWriter, read_metrics
 from experiments.train.plans import BatchPlan, EpochPlan, WorkerPlan
 from experiments.train.step import LossFn, TrainState
 from experiments.train.vectorized import StackedEvaluator, group_eval_weights, train_group
@@ -254,6 +258,17 @@ class Study:
     curve_metrics: tuple[str, ...] = ("train_loss", "test_accuracy")  # plotted against steps
     config: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     worker_eval: str = "mean"
+    # grad_skip(method) -> predicate of one worker's opt_state, or None (see train_group).
+    grad_skip: Callable[[Method], Callable[[PyTree], Any] | None] | None = None
+    # history_metrics(data, method, spec, histories) -> {name: [value per run]}, where
+    # histories[r] is run r's logged records (metrics.jsonl, by step, the final one last).
+    history_metrics: (
+        Callable[[TaskData, Method, Mapping[str, Any], Sequence[Sequence[Record]]], Mapping] | None
+    ) = None
+    # {x label: fn(spec, records of one run) -> x of each record}: one more curve plot each.
+    curve_x: Mapping[str, Callable[[Mapping[str, Any], Sequence[Record]], Sequence[float]]] = (
+        dataclasses.field(default_factory=dict)
+    )
 
     def method(self, name: str) -> Method:
         for m in self.methods:
@@ -826,6 +841,7 @@ def _run_task(
                 devices=devices,
                 metrics=writers if is_main_process() else None,
                 on_progress=bar.update,
+                grad_skip=study.grad_skip(method) if study.grad_skip else None,
             )
             timing["train_s"] += result.train_time_s
             timing["groups"] += 1
@@ -836,6 +852,11 @@ def _run_task(
                     result.state, eval_params, task.workers, study.worker_eval
                 )
                 extra = study.final_metrics(data, method, spec, weights, model_state)
+                finals.update({k: np.asarray(v, np.float64) for k, v in extra.items()})
+            if study.history_metrics is not None and is_main_process():
+                path = workdir / task.name / "metrics.jsonl"
+                histories = [read_metrics(path, **t) for t in tags]
+                extra = study.history_metrics(data, method, spec, histories)
                 finals.update({k: np.asarray(v, np.float64) for k, v in extra.items()})
             group_records = []
             for r, (seed, p) in enumerate(runs):

@@ -35,6 +35,8 @@ from experiments.bench.updates import bench_updates, make_update_fn
 from experiments.models import param_count
 
 _TINY = [
+    "--comm-workers",
+    "0",
     "--study-seeds",
     "2",
     "--study-steps",
@@ -471,3 +473,91 @@ def test_idle_state_entry_is_sgd_with_untouched_copies():
     jax.tree.map(np.testing.assert_array_equal, updates, expected)
     assert len(new_state.copies) == 3
     jax.tree.map(np.testing.assert_array_equal, new_state.copies, (params,) * 3)
+
+
+# --- communication (issue #10) ------------------------------------------------------------
+
+
+_HLO = """HloModule m
+
+%add (a: f32[], b: f32[]) -> f32[] {
+  %a = f32[] parameter(0)
+  %b = f32[] parameter(1)
+  ROOT %s = f32[] add(%a, %b)
+}
+
+%sync (p: f32[8]) -> f32[8] {
+  %p = f32[8] parameter(0)
+  ROOT %r = f32[8]{0} all-reduce(%p), replica_groups={}, to_apply=%add
+}
+
+%local (p: f32[8]) -> f32[8] {
+  ROOT %p = f32[8] parameter(0)
+}
+
+%round0 (q: f32[4]) -> f32[4] {
+  %q = f32[4] parameter(0)
+  ROOT %c = f32[4]{0} collective-permute(%q), source_target_pairs={{0,1},{1,0}}
+}
+
+%round1 (q: f32[4]) -> f32[4] {
+  %q = f32[4] parameter(0)
+  ROOT %c = f32[4]{0} collective-permute(%q), source_target_pairs={{0,1},{1,0}}
+}
+
+%round2 (q: f32[4]) -> f32[4] {
+  ROOT %q = f32[4] parameter(0)
+}
+
+ENTRY %main (x: f32[10], p: f32[8], q: f32[4], k: s32[], c: pred[]) -> f32[10] {
+  %x = f32[10] parameter(0)
+  %g = (f32[10]{0}, bf16[6]{0}) all-reduce(%x, %x), replica_groups={}, to_apply=%add
+  %d = f32[8]{0} conditional(%c, %p, %p), branch_computations={%sync, %local}
+  %e = f32[4]{0} conditional(%k, %q, %q, %q), branch_computations={%round0, %round1, %round2}
+  ROOT %x2 = f32[10] copy(%x)
+}
+"""
+
+
+def test_collective_bytes_weights_conditional_branches():
+    from experiments.bench.communication import collective_bytes
+
+    out = collective_bytes(_HLO, sync_period=4)
+    # Every step: 10 f32 + 6 bf16; the sync branch 8 f32 on 1/4 of the steps; a 3-way
+    # switch with a 4-float permute in two branches: 2/3 of 16 bytes per step.
+    assert out["all-reduce"] == pytest.approx(40 + 12 + 32 / 4)
+    assert out["collective-permute"] == pytest.approx(2 * 16 / 3)
+    assert out["total"] == pytest.approx(out["all-reduce"] + out["collective-permute"])
+
+
+def test_compiled_local_methods_send_one_hth_of_dp_and_palsgd_skips():
+    """On 4 devices (shard_map): Local SGD and PALSGD move 1/H of DP's bytes per step over
+    a period; the PALSGD step with the gradient under its coin's cond counts what it ran."""
+    from experiments.bench import communication as comm
+
+    params = {"w": jnp.ones((3, 2)), "b": jnp.zeros((2,))}
+    batch = {"x": jnp.arange(24.0).reshape(4, 2, 3) / 24, "y": jnp.ones((4, 2, 2))}
+
+    def loss(p, b):
+        return jnp.mean((b["x"] @ p["w"] + p["b"] - b["y"]) ** 2)
+
+    table = comm.methods(4, prob=0.5)
+    sent = {}
+    for name in ("dp (mean_gradients)", "local_sgd(H=4)"):
+        make, period = table[name]
+        _, _, hlo = comm._compiled(make, loss, params, batch, 4)
+        sent[name] = comm.collective_bytes(hlo, period)["total"]
+    fn, (p, s, b), hlo = comm._compiled(
+        table["palsgd(H=4,p=0.5)"][0], loss, params, batch, 4, skip=True
+    )
+    sent["palsgd"] = comm.collective_bytes(hlo, 4)["total"]
+    assert sent["dp (mean_gradients)"] == 4 * 8  # 8 floats, every step
+    assert sent["local_sgd(H=4)"] == sent["dp (mean_gradients)"] / 4
+    assert sent["palsgd"] == sent["dp (mean_gradients)"] / 4
+    performed, pseudo = np.zeros(4), np.zeros(4)
+    for _ in range(12):
+        pseudo += np.asarray(s.pseudo_sync)
+        p, s, evals = fn(p, s, b)
+        performed += np.asarray(evals)
+    np.testing.assert_array_equal(performed, 12 - pseudo)
+    assert 0 < pseudo.sum() < 48

@@ -6,6 +6,7 @@ import json
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 import pytest
@@ -76,12 +77,24 @@ def test_every_quick_method_builds_and_steps():
         config = EXPERIMENTS[name].config_module().get_config("quick")
         runner = EXPERIMENTS[name].runner_module()
         study = runner.build_study(config)
+        # Worker-mode studies build their transforms on the worker axis: two workers.
+        axis = "workers" if study.tasks[0].workers else None
         for method in study.methods:
-            for point in st.points(method):
-                ctx = st.TxContext(study.tasks[0], 100, None, 10, 32)
+            # Worker mode compiles each point: its first one (the rest differ in floats only
+            # and are built by build_study's validation).
+            for point in st.points(method)[: 1 if axis else None]:
+                ctx = st.TxContext(study.tasks[0], 100, axis, 10, 32)
                 tx = optax.with_extra_args_support(study.make_tx({**method.spec, **point}, ctx))
                 grads = jax.grad(loss)(params)
-                updates, _ = tx.update(grads, tx.init(params), params, grad_fn=jax.grad(loss))
+
+                def one(p, g, tx=tx):
+                    return tx.update(g, tx.init(p), p, grad_fn=jax.grad(loss))[0]
+
+                if axis is None:
+                    updates = one(params, grads)
+                else:  # jitted: eager op-by-op under vmap is slow
+                    pair = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), (params, grads))
+                    updates = jax.jit(jax.vmap(one, axis_name=axis))(*pair)
                 assert all(np.isfinite(np.asarray(u)).all() for u in jax.tree.leaves(updates)), (
                     name,
                     method.name,
@@ -298,3 +311,68 @@ def test_ood_spurious_task_marks_train_and_id_test_and_breaks_it_out_of_distribu
     assert agreement(prepared.x_val, prepared.y_val) > 0.8
     assert agreement(hooks.sets["spurious"]["spurious"], ds.y_test) < 0.25
     assert set(ood.shifts_of(config, "digits")) == {"rotated", "noisy"}
+
+
+# --- local_sgd ----------------------------------------------------------------------------------
+
+
+def test_local_sgd_comm_rounds_match_the_transforms_syncs():
+    """comm_rounds counts the steps after which two workers with different gradients hold
+    equal params (a sync), on the transforms themselves, for every method of the quick
+    config (H = 8 there; 40 steps, so post-local SGD and PALSGD's warm-up of 10 and 2)."""
+    from experiments.configs.local_sgd import get_config
+    from experiments.runners import local_sgd
+
+    study = local_sgd.build_study(get_config("quick"))
+    steps = 40
+    for method in study.methods:
+        spec = method.spec
+        tx = local_sgd.make_tx(spec, st.TxContext(study.tasks[0], steps, "w", 10, 16))
+
+        @jax.jit
+        def run(params, tx=tx):
+            state = jax.vmap(tx.init)(params)
+
+            def body(carry, _):
+                params, state = carry
+                # Worker w's gradient: params - (w + 1): different on every worker.
+                grads = params - jnp.arange(1.0, 3.0)[:, None]
+                upd, state = jax.vmap(lambda g, s, p: tx.update(g, s, p), axis_name="w")(
+                    grads, state, params
+                )
+                params = params + upd
+                return (params, state), params[0, 0] == params[1, 0]
+
+            return jax.lax.scan(body, (params, state), None, length=steps)[1]
+
+        equal = np.asarray(run(jnp.zeros((2, 1))))
+        expected = [local_sgd.comm_rounds(spec, t, steps) for t in range(steps + 1)]
+        # PALSGD's pull steps keep workers apart too; only a sync makes them equal.
+        assert np.cumsum(equal).tolist() == expected[1:], method.name
+
+
+def test_local_sgd_curves_and_times_to_target():
+    """Cumulative gradient evaluations, rounds and times from hand-made logged records."""
+    from experiments.runners import local_sgd
+
+    spec = {"algorithm": "diloco", "sync_period": 4}
+    rows = [
+        {"step": 10, "train_grad_evals": 0.5, "train_time_s": 9.0, "val_accuracy": 0.4},
+        {"step": 20, "train_grad_evals": 1.0, "train_time_s": 10.0, "val_accuracy": 0.8},
+        {"step": 30, "train_grad_evals": 0.8, "train_time_s": 13.0, "val_accuracy": 0.9},
+        {"step": 30, "final": True, "test_accuracy": 0.9},
+    ]
+    c = local_sgd.curve(spec, rows, 30, comm_cost=2.0)
+    np.testing.assert_allclose(c["grad_evals"], [5, 15, 23, 23])
+    np.testing.assert_allclose(c["comm_rounds"], [2, 5, 7, 7])
+    np.testing.assert_allclose(c["model_time"], [9, 25, 37, 37])
+    # The first window (the compile) is replaced by the median of the others: (1 + 3) / 2.
+    np.testing.assert_allclose(c["measured_time_s"], [2, 3, 6, 6])
+    dp = local_sgd.curve({"algorithm": "dp"}, rows[:1], 30, comm_cost=2.0)
+    assert dp["comm_rounds"].tolist() == [10]
+    config = ml_collections.ConfigDict({"cost": {"comm_cost": 2.0, "target_val_accuracy": 0.75}})
+    hook = local_sgd.history_metrics(config)
+    out = hook(st.TaskData(None, None, None, None, (), 30, 1), None, spec, [rows, rows[:1]])
+    assert out["model_time_to_target"][0] == 25
+    assert np.isnan(out["model_time_to_target"][1])  # never reached: NaN, counted as missing
+    assert out["comm_rounds"] == [7, 2]

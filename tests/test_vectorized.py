@@ -295,3 +295,106 @@ def test_client_sampling_reaches_the_optimizer():
     np.testing.assert_array_equal(seen, expected)
     assert (seen.sum(1) == 2).all()
     assert WORKER_AXIS == "workers"
+
+
+# --- skipping the gradient (PALSGD's pseudo-sync steps) ----------------------------------------
+
+
+def _palsgd(shared_coin):
+    def make(hp, axis_name):
+        return optlab.palsgd(
+            optax.trace(0.9),
+            optax.sgd(0.5, momentum=0.9, nesterov=True),
+            sync_period=4,
+            axis_name=axis_name,
+            learning_rate=hp["lr"],
+            prob=0.4,
+            warmup_steps=2,
+            shared_coin=shared_coin,
+        )
+
+    return make
+
+
+def _dot_cond_depths(jaxpr, depth=0):
+    """The number of enclosing ``cond``s of every ``dot_general`` in a jaxpr, recursively."""
+    out = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            out.append(depth)
+        inner = depth + (eqn.primitive.name == "cond")
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, tuple | list) else (value,):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    out += _dot_cond_depths(sub.jaxpr, inner)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    out += _dot_cond_depths(sub, inner)
+    return out
+
+
+def _never(opt_state):
+    """Never skips, through the same program as skipping (a constant would be folded)."""
+    return optax.tree.get(opt_state, "count") < 0
+
+
+def test_grad_skip_is_bitwise_and_really_skips(tmp_path):
+    """Skipping the forward/backward on pseudo-sync steps (shared coins, one device: every
+    run and worker agrees) gives bitwise the params and optimizer state of taking it and
+    discarding it; the counters follow an independent replay of the coins; in the traced
+    chunk every ``dot_general`` sits under one more ``cond`` than without skipping (a real
+    branch, not a select), also for per-worker coins under ``shard_map`` with one worker
+    per device (each device's own predicate)."""
+    from experiments.train.metrics import MetricsWriter, read_metrics
+    from experiments.train.vectorized import _layout, init_group_state
+
+    plan = _worker_plan(4, 8)
+    steps, seeds, lrs = 8, [0, 1], [0.1, 0.05]
+    kw = {"plan": plan, "make_tx": _palsgd(True), "steps": steps, "log_every": 1}
+    path = tmp_path / "m.jsonl"
+    writers = [MetricsWriter(path, run=r) for r in range(2)]
+    skipping = _group(seeds, lrs, grad_skip=optlab.palsgd_is_pseudo_sync, metrics=writers, **kw)
+    taken = _group(seeds, lrs, grad_skip=_never, **kw)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)),
+        (taken.state.params, taken.state.opt_state),
+        (skipping.state.params, skipping.state.opt_state),
+    )
+    # Independent replay: step t pseudo-syncs when t > W and uniform(fold_in(key(0), t)) < p.
+    key = jax.random.key(0)
+    coins = np.array(
+        [t > 2 and float(jax.random.uniform(jax.random.fold_in(key, t))) < 0.4 for t in range(8)]
+    )
+    assert 2 <= coins.sum() < 5
+    for r in range(2):
+        rows = [x for x in read_metrics(path, run=r) if not x.get("final")]
+        ran = np.array([x["train_grad_evals_run"] for x in rows])
+        np.testing.assert_array_equal(ran, 1.0 - coins)
+        np.testing.assert_array_equal([x["train_grad_evals"] for x in rows], 1.0 - coins)
+        # A window without a gradient logs no loss; the others the loss they computed.
+        assert [("train_loss" in x) for x in rows] == list(ran > 0)
+        assert all(x["train_loss"] > 0 for x in rows if "train_loss" in x)
+    # The traced chunk: the forward/backward lives in the skip branch.
+    x, y = _data()
+    hp = {"lr": jnp.asarray(lrs, jnp.float32)}
+    chunk = plan.indices(0, [0])
+    for make, devices in ((_palsgd(True), 1), (_palsgd(False), 4)):
+        depths = []
+        for skip in (None, optlab.palsgd_is_pseudo_sync):
+            layout = _layout(_loss, make, plan, devices, False, skip)
+            state = init_group_state(
+                _init, make, seeds, hp, workers=4, worker_axis=layout.worker_axis
+            )
+            args = (
+                layout.put_state(state),
+                x,
+                y,
+                np.stack([chunk["idx"]] * 2, 1),
+                np.stack([chunk["n_micro"]] * 2, 1),
+                np.zeros((1, 2, 0), bool),
+                np.ones(1, bool),
+                hp,
+            )
+            depths.append(_dot_cond_depths(jax.make_jaxpr(layout.chunk)(*args).jaxpr))
+        assert depths[0]
+        assert len(depths[0]) == len(depths[1])
+        assert min(depths[1]) == min(depths[0]) + 1, devices

@@ -10,6 +10,10 @@ Everything is measured side by side in one process, repetitions interleaved roun
     relative to plain SGD;
 (d) the registered goals (:class:`BenchGoal`: a target ratio between two entries, e.g.
     Multilayer Lookahead against nested ``optax.lookahead``), goal against measured.
+(e) issue #10's worker-axis methods on W devices under ``shard_map`` (one worker each):
+    bytes communicated per step read from the compiled HLO, step time, and PALSGD's
+    skipped gradient evaluations, all relative to synchronous DP
+    (:mod:`experiments.bench.communication`; ``--comm-workers 0`` skips it).
 
 ``--only REGEX`` restricts (b) and (c) to the matching entries (plus ``optax.sgd`` and
 their counterparts), e.g. ``python -m experiments bench --only lookahead``.

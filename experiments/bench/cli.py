@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import re
 import sys
@@ -38,6 +39,11 @@ class BenchConfig:
       steps_per_rep: consecutive train steps per timed sample.
       batch_size: train-step batch size.
       dataset: train-step dataset.
+      study_seeds, study_steps: the study wall time vs compute benchmark.
+      comm_workers: workers (= devices, shard_map) of the communication benchmark (0: skip).
+      comm_period: H of Local SGD, DiLoCo and PALSGD there.
+      comm_reps: timed samples per method there.
+      comm_palsgd_steps: PALSGD steps whose gradient evaluations are counted.
     """
 
     sizes: tuple[int, ...] = (1_000_000, 10_000_000)
@@ -52,6 +58,10 @@ class BenchConfig:
     dataset: str = "digits"
     study_seeds: tuple[int, ...] = (1, 5, 20)
     study_steps: int = 1140
+    comm_workers: int = 8
+    comm_period: int = 8
+    comm_reps: int = 30
+    comm_palsgd_steps: int = 400
 
 
 QUICK = BenchConfig(
@@ -63,6 +73,8 @@ QUICK = BenchConfig(
     steps_per_rep=3,
     study_seeds=(1, 5),
     study_steps=570,
+    comm_reps=10,
+    comm_palsgd_steps=200,
 )
 """``--quick``: one size, fewer repetitions; well under a minute on 2 CPU cores."""
 
@@ -152,6 +164,12 @@ def _parser() -> argparse.ArgumentParser:
         help="seed counts of the study wall-time vs compute benchmark (none: skip it)",
     )
     over.add_argument("--study-steps", type=_positive_int, help="steps per run of that study")
+    over.add_argument(
+        "--comm-workers",
+        type=int,
+        help="workers (one per device) of the communication benchmark (0: skip it)",
+    )
+    over.add_argument("--comm-reps", type=_positive_int, help="communication samples per method")
     return p
 
 
@@ -167,6 +185,12 @@ def parse_args(argv: Sequence[str] | None = None) -> tuple[BenchConfig, str]:
         overrides["study_seeds"] = tuple(args.study_seeds)
     if args.study_steps is not None:
         overrides["study_steps"] = args.study_steps
+    if args.comm_workers is not None:
+        if args.comm_workers < 0:
+            _parser().error(f"--comm-workers must be >= 0, got {args.comm_workers}")
+        overrides["comm_workers"] = args.comm_workers
+    if args.comm_reps is not None:
+        overrides["comm_reps"] = args.comm_reps
     if args.update_steps is not None:
         overrides["update_steps_per_rep"] = args.update_steps
     if args.sizes is not None:
@@ -211,7 +235,9 @@ def run_bench(
     bench_entries: Sequence[BenchEntry],
     bench_goals: Sequence[BenchGoal] = (),
 ) -> dict[str, Any]:
-    """Runs the three measurements, evaluates the goals, returns the JSON-ready result."""
+    """Runs the measurements, evaluates the goals, returns the JSON-ready result."""
+    import jax
+
     start = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -250,6 +276,26 @@ def run_bench(
         study = bench_study_overhead(cfg.study_seeds, steps=cfg.study_steps)
         timings["study_overhead_s"] = time.perf_counter() - t0
 
+    communication: dict[str, Any] | None = None
+    if cfg.comm_workers and jax.device_count() < cfg.comm_workers:
+        communication = {
+            "skipped": f"needs {cfg.comm_workers} devices, JAX sees {jax.device_count()} "
+            "(on CPU: jax_num_cpu_devices before the first JAX operation)"
+        }
+        progress(f"communication: skipped, {communication['skipped']}")
+    elif cfg.comm_workers:
+        from experiments.bench.communication import bench_communication
+
+        progress(f"communication: {cfg.comm_workers} workers, H={cfg.comm_period}")
+        t0 = time.perf_counter()
+        communication = bench_communication(
+            workers=cfg.comm_workers,
+            sync_period=cfg.comm_period,
+            reps=cfg.comm_reps,
+            palsgd_steps=cfg.comm_palsgd_steps,
+        )
+        timings["communication_s"] = time.perf_counter() - t0
+
     return {
         "machine": machine_info(),
         "config": dataclasses.asdict(cfg),
@@ -259,6 +305,7 @@ def run_bench(
         "train_steps": train,
         "goals": evaluate_goals(bench_goals, updates, train),
         "study_overhead": study,
+        "communication": communication,
         "timings": timings,
         "elapsed_s": time.perf_counter() - start,
     }
@@ -273,6 +320,11 @@ def main(argv: list[str] | None = None) -> int:
 
     import jax
 
+    if cfg.comm_workers and jax.config.jax_num_cpu_devices < cfg.comm_workers:  # type: ignore[attr-defined]
+        # The communication bench shards workers over devices: on a CPU host, virtual ones
+        # (before the first JAX operation; a GPU/TPU host uses its own devices).
+        with contextlib.suppress(RuntimeError):  # backends already up (in-process tests)
+            jax.config.update("jax_num_cpu_devices", cfg.comm_workers)
     if not jax.config.jax_compilation_cache_dir:  # type: ignore[attr-defined]
         jax.config.update("jax_compilation_cache_dir", tempfile.mkdtemp(prefix="optlab-bench-"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -257,6 +257,10 @@ def format_report(result: dict[str, Any]) -> str:
         from experiments.bench.study_overhead import format_study_overhead
 
         out += ["", format_study_overhead(result["study_overhead"])]
+    if result.get("communication"):
+        from experiments.bench.communication import format_communication
+
+        out += ["", format_communication(result["communication"])]
     return "\n".join(out)
 
 

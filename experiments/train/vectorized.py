@@ -28,6 +28,20 @@ means over them, so a SAM-type transform takes its second gradient on the same
 accumulated batch. Extra args handed to the optimizer: ``grad_fn``, ``value_fn``,
 ``value``, ``grad`` and, when the plan samples clients, ``active`` (bool ``[W]``).
 
+**Skipping the gradient** (``grad_skip``, PALSGD's pseudo-synchronisation steps): a
+predicate of one worker's optimizer state, read *before* the forward/backward pass, says
+that the update will ignore the gradient. The chunk reduces it over everything it maps
+(all runs and all workers of the device, or of the program on one device) to one scalar,
+and the step takes the forward/backward pass under a ``lax.cond`` on that scalar. It is a
+real branch, so a skipped step computes no gradient, **only when every run and worker of
+the device agrees**: shared coins with one coin seed for every run, or one worker per
+device under ``shard_map`` (per-worker coins). Otherwise (per-worker coins simulated
+under ``vmap``) every worker computes its gradient and the update discards it: the
+result is the same bitwise, the time is not saved. Two metrics count it, per worker:
+``grad_evals`` (the gradients the method needs, 1 - predicate) and ``grad_evals_run``
+(the gradients this program computed); the other logged training metrics average over
+the steps that computed one.
+
 Divergence is tracked per run (``TrainState.first_nonfinite_step``); a diverged run keeps
 training on NaNs without touching the others, and the caller scores it.
 
@@ -105,6 +119,7 @@ def make_run_step(
     worker_axis: AxisName | None = None,
     max_micro: int = 1,
     sampled: bool = False,
+    grad_skip: Callable[[PyTree], jax.Array] | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """The step of ONE run: ``(state, x, y, idx, n_micro, active, hparams) -> (state, metrics)``.
 
@@ -113,9 +128,16 @@ def make_run_step(
     metrics) are averaged over it (replicated data parallelism); with ``worker_axis`` only
     the logged loss and metrics are averaged, the optimizer receives this worker's own
     gradient. ``active`` is forwarded to the optimizer when ``sampled``.
+
+    With ``grad_skip`` (``grad_skip(opt_state) -> bool``, e.g.
+    :func:`optlab.palsgd_is_pseudo_sync`) the step takes one more argument, ``skip``: a
+    scalar bool that must not be batched (the caller reduces ``grad_skip`` over all it
+    maps); when true the forward/backward pass is skipped under a ``lax.cond`` and the
+    optimizer receives zeros. ``grad_skip`` of this worker's state also keeps its model
+    state (no forward pass) whether or not the pass ran, so both give the same result.
     """
 
-    def step(state, x, y, idx, n_micro, active, hparams):
+    def step(state, x, y, idx, n_micro, active, hparams, skip=None):
         tx = optax.with_extra_args_support(make_tx(hparams, worker_axis))
         rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         if worker_axis is not None:
@@ -160,7 +182,28 @@ def make_run_step(
             )
             return loss, model_state, metrics, grads
 
-        loss, model_state, metrics, grads = accumulated(state.params)
+        counts = {}
+        if grad_skip is None:
+            loss, model_state, metrics, grads = accumulated(state.params)
+        else:
+            needed = ~grad_skip(state.opt_state)
+            shapes = jax.eval_shape(accumulated, state.params)
+
+            def skipped(params):
+                del params
+                zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+                return (zeros[0], state.model_state, *zeros[2:])
+
+            loss, model_state, metrics, grads = jax.lax.cond(
+                skip, skipped, accumulated, state.params
+            )
+            model_state = jax.tree.map(
+                lambda new, old: jnp.where(needed, new, old), model_state, state.model_state
+            )
+            counts = {
+                "grad_evals": needed.astype(jnp.float32),
+                "grad_evals_run": jnp.where(skip, 0.0, 1.0).astype(jnp.float32),
+            }
         extra = {"active": active} if sampled else {}
         updates, opt_state = tx.update(
             grads,
@@ -173,6 +216,7 @@ def make_run_step(
             **extra,
         )
         params = optax.apply_updates(state.params, updates)
+        metrics = {**metrics, **counts}
         if worker_axis is not None:  # logged values only: the run's mean over workers
             loss, metrics = jax.lax.pmean((loss, metrics), worker_axis)
         bad = (state.first_nonfinite_step < 0) & ~jnp.isfinite(loss)
@@ -205,6 +249,7 @@ def _layout(
     plan: BatchPlan,
     devices: int,
     sampled: bool,
+    grad_skip: Callable[[PyTree], jax.Array] | None = None,
 ) -> _Layout:
     """Builds the jitted chunk function for one device, data parallel or worker sharded."""
     workers = plan.workers
@@ -234,23 +279,35 @@ def _layout(
         worker_axis=worker_axis,
         max_micro=plan.max_micro,
         sampled=sampled,
+        grad_skip=grad_skip,
     )
 
-    def per_run(state, x, y, idx, n_micro, active, hparams):
+    def per_run(state, x, y, idx, n_micro, active, hparams, skip):
         """One run's step; in worker mode, mapped over its (local) workers."""
         if not workers:
-            return step(state, x, y, idx, n_micro, active, hparams)
+            return step(state, x, y, idx, n_micro, active, hparams, skip)
         if devices > 1 and local == 1:  # the mesh axis is the worker axis
             squeeze = lambda t: jax.tree.map(lambda a: a[0], t)
             expand = lambda t: jax.tree.map(lambda a: a[None], t)
-            out = step(squeeze(state), x, y, idx[0], n_micro, active, hparams)
+            out = step(squeeze(state), x, y, idx[0], n_micro, active, hparams, skip)
             return expand(out)
         name = LOCAL_AXIS if devices > 1 else WORKER_AXIS
-        return jax.vmap(step, in_axes=(0, None, None, 0, None, None, None), axis_name=name)(
-            state, x, y, idx, n_micro, active, hparams
+        return jax.vmap(step, in_axes=(0, None, None, 0, None, None, None, None), axis_name=name)(
+            state, x, y, idx, n_micro, active, hparams, skip
         )
 
-    mapped = jax.vmap(per_run, in_axes=(0, None, None, 0, 0, 0, 0))
+    vmapped = jax.vmap(per_run, in_axes=(0, None, None, 0, 0, 0, 0, None))
+    lead = 2 if workers else 1  # [R, (W,) ...]: the axes the predicate is mapped over
+
+    def mapped(state, x, y, idx, n_micro, active, hparams):
+        skip = None
+        if grad_skip is not None:
+            # One scalar for the whole device: a real branch needs an unbatched predicate.
+            read = grad_skip
+            for _ in range(lead):
+                read = jax.vmap(read)
+            skip = jnp.all(read(state.opt_state))
+        return vmapped(state, x, y, idx, n_micro, active, hparams, skip)
 
     def chunk_body(state, x, y, idx, n_micro, active, live, hparams):
         """``log_every`` steps under ``lax.scan``; steps with ``live`` false are skipped.
@@ -409,6 +466,7 @@ def train_group(
     devices: int = 1,
     metrics: Sequence[MetricsWriter] | None = None,
     on_progress: Callable[[int], None] | None = None,
+    grad_skip: Callable[[PyTree], jax.Array] | None = None,
 ) -> GroupResult:
     """Trains ``len(seeds)`` runs of one method as one program, resuming from ``run_dir``.
 
@@ -438,7 +496,14 @@ def train_group(
       eval_every, checkpoint_every: multiples of ``log_every`` (0: only at the end).
       devices: 1, or data-parallel / worker-sharded over that many devices.
       metrics: one :class:`MetricsWriter` per run (tags identify the run), or None.
-      on_progress: called with the number of steps just completed (per chunk).
+      on_progress: called with the number of steps just completed (per chunk). Every
+        logged window also records ``train_time_s``: the seconds this call has spent in
+        training chunks so far (compiles included; it restarts at 0 on a resume).
+      grad_skip: ``grad_skip(opt_state) -> bool`` of one worker's (one run's) optimizer
+        state: the update will ignore the gradient, so the step may skip the
+        forward/backward pass (see the module docstring for when it really does).
+        Logs ``train_grad_evals`` and ``train_grad_evals_run`` (per worker, mean per step
+        over the window).
 
     Returns:
       A :class:`GroupResult`.
@@ -459,7 +524,7 @@ def train_group(
     if worker_eval not in ("mean", "per_worker"):
         raise ValueError(f"worker_eval must be 'mean' or 'per_worker', got {worker_eval!r}.")
     sampled = hasattr(plan, "active")
-    layout = _layout(loss_fn, make_tx, plan, devices, sampled)
+    layout = _layout(loss_fn, make_tx, plan, devices, sampled, grad_skip)
     hp = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
     state = layout.put_state(
         init_group_state(
@@ -531,10 +596,20 @@ def train_group(
             record_eval = evaluate_all(state, evaluate, evaluate_workers) if is_eval else {}
             if metrics is not None:
                 wall = time.perf_counter() - t0
+                ran = host_metrics.get("grad_evals_run")
                 for r, writer in enumerate(metrics):
                     record: dict[str, Any] = {"step": step}
+                    # With grad_skip, the loss and metrics average over the steps that
+                    # computed a gradient (a skipped step has none; a window of skipped
+                    # steps only logs the counters).
+                    weights = None if ran is None else ran[:length, r]
                     for key, values in host_metrics.items():
-                        record[f"train_{key}"] = float(np.mean(values[:length, r]))
+                        if key.startswith("grad_evals") or weights is None:
+                            record[f"train_{key}"] = float(np.mean(values[:length, r]))
+                        elif weights.sum() > 0:
+                            value = np.average(values[:length, r], weights=weights)
+                            record[f"train_{key}"] = float(value)
+                    record["train_time_s"] = train_time
                     record.update({k: float(v[r]) for k, v in record_eval.items()})
                     record["wall_time_s"] = wall
                     writer.write(record)
