@@ -92,6 +92,24 @@ def check_scalar(name: str, value: Any, *, low: float) -> Any:
     return check_float_in_range(name, value, low=low)
 
 
+class _Leaf:
+    """One leaf's results (a plain class, so ``jax.tree.map`` treats it as a leaf)."""
+
+    def __init__(self, update: Any, u: Any, v: Any, sigma: Any):
+        self.update, self.u, self.v, self.sigma = update, u, v, sigma
+
+
+def _mask_leaves(resolved: PyTree, treedef: Any) -> list[bool]:
+    """The mask's bools in the params' leaf order (the mask has the params' structure)."""
+    flags = jax.tree.leaves(resolved)
+    if len(flags) != treedef.num_leaves:
+        raise ValueError(
+            f"mask must have the params' structure (one bool per leaf), got {len(flags)} "
+            f"bools for {treedef.num_leaves} leaves."
+        )
+    return [bool(f) for f in flags]
+
+
 def _is_none(x: Any) -> bool:
     return x is None
 
@@ -209,8 +227,10 @@ def spectral_regularization(
     def init_fn(params: PyTree) -> SpectralRegularizationState:
         resolved = _resolve_mask(mask, params)
         leaves, treedef = jax.tree.flatten(params)
-        flags = treedef.flatten_up_to(resolved)
-        us, vs, sigmas = [], [], []
+        flags = _mask_leaves(resolved, treedef)
+        us: list[jax.Array | None] = []
+        vs: list[jax.Array | None] = []
+        sigmas: list[jax.Array | None] = []
         for i, (p, on) in enumerate(zip(leaves, flags, strict=True)):
             if not on:
                 us.append(None)
@@ -232,7 +252,9 @@ def spectral_regularization(
             vs.append(jnp.asarray(v / np.linalg.norm(v), dtype))
             sigmas.append(jnp.zeros([], dtype))
         return SpectralRegularizationState(
-            u=treedef.unflatten(us), v=treedef.unflatten(vs), sigma=treedef.unflatten(sigmas)
+            u=jax.tree.unflatten(treedef, us),
+            v=jax.tree.unflatten(treedef, vs),
+            sigma=jax.tree.unflatten(treedef, sigmas),
         )
 
     def update_fn(
@@ -252,24 +274,26 @@ def spectral_regularization(
             lam, k = jnp.asarray(strength, dtype), jnp.asarray(power, dtype)
             if u is None:
                 if jnp.ndim(p) != 1:
-                    return g, None, None, None
+                    return _Leaf(g, None, None, None)
                 # d/db ||b||^{2k} = 2k ||b||^{2k-2} b (finite at b = 0 since k >= 1)
                 lam_b = jnp.asarray(bias_strength, dtype)
                 p32 = p.astype(dtype)
                 sq = jnp.sum(jnp.square(p32))
                 extra = 2.0 * lam_b * k * sq ** (k - 1.0) * p32
-                return (g + extra.astype(g.dtype)), None, None, None
+                return _Leaf(g + extra.astype(g.dtype), None, None, None)
             matrix = as_matrix(p).astype(u.dtype)
             u, v, sigma = power_iteration_step(matrix, u, v)
             coeff = 2.0 * lam * k * (sigma**k - 1.0) * sigma ** (k - 1.0)
             grad = (coeff * jnp.outer(u, v)).reshape(p.shape)
-            return g + grad.astype(g.dtype), u, v, sigma
+            return _Leaf(g + grad.astype(g.dtype), u, v, sigma)
 
         out = jax.tree.map(leaf, state.u, state.v, updates, params, is_leaf=_is_none)
-        treedef = jax.tree.structure(state.u, is_leaf=_is_none)
-        parts = treedef.flatten_up_to(out)
-        new = [treedef.unflatten([part[i] for part in parts]) for i in range(4)]
-        return new[0], SpectralRegularizationState(u=new[1], v=new[2], sigma=new[3])
+        new_state = SpectralRegularizationState(
+            u=jax.tree.map(lambda o: o.u, out),
+            v=jax.tree.map(lambda o: o.v, out),
+            sigma=jax.tree.map(lambda o: o.sigma, out),
+        )
+        return jax.tree.map(lambda o: o.update, out), new_state
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 

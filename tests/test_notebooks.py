@@ -43,8 +43,12 @@ def test_notebook_executes_headless(name, tmp_path):
         i for i, c in enumerate(notebook.cells) if "parameters" in c.metadata.get("tags", [])
     )
     notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(SMOKE_PARAMETERS[name]))
-    client = NotebookClient(notebook, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(NOTEBOOKS)}})
+    client = NotebookClient(
+        notebook,
+        timeout=600,
+        kernel_name="python3",
+        resources={"metadata": {"path": str(NOTEBOOKS)}},
+    )
     client.execute()
     outputs = [o for c in notebook.cells if c.cell_type == "code" for o in c.get("outputs", [])]
     assert not [o for o in outputs if o.output_type == "error"]
