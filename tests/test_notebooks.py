@@ -17,6 +17,8 @@ SMOKE_PARAMETERS = {
     "quickstart": "STEPS = 20\nSEEDS = (0,)\nMETHODS = ('sgd', 'adam')",
     "lookahead": "STEPS = 30\nEVAL_EVERY = 3",
     "sam": "STEPS = 20\nSEEDS = (0,)\nSHARPNESS_EXAMPLES = 64\nPOWER_ITERS = 3\nTRACE_SAMPLES = 2",
+    "pruning_and_continual": "NUM_TASKS = 2\nSTEPS_PER_TASK = 5\nSEEDS = (0,)\n"
+    "METHODS = ('sgd', 'spectral')",
 }
 ALL = sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb"))
 

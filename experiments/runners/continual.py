@@ -31,7 +31,8 @@ add the gradient of ``strength * R(params)`` before it (a loss term): ``l2`` is
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+import math
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -145,6 +146,25 @@ def sigma_evaluator(params: Any, model_state: Any) -> dict[str, jax.Array]:
         names = [str(getattr(p, "key", p)) for p in path]
         layer = "_".join(n for n in names if n != "kernel")
         out[layer] = value
+    return out
+
+
+def accuracy_after_each_task(
+    metrics: Sequence[Mapping[str, Any]], steps_per_task: int, num_tasks: int
+) -> dict[tuple[str, str, int], list[float]]:
+    """``{(method, point, seed): [accuracy on task k right after training on it, k = 0..]}``
+    from one stream's ``metrics.jsonl`` records (:func:`experiments.train.metrics.read_metrics`):
+    the probe ``task<k>_accuracy`` at step ``(k + 1) * steps_per_task`` (the boundary
+    evaluations need ``eval_every`` to divide the steps per task; the last one is the final
+    record). Missing evaluations give NaN."""
+    out: dict[tuple[str, str, int], list[float]] = {}
+    for r in metrics:
+        key = (r["method"], r["point"], r["seed"])
+        row = out.setdefault(key, [math.nan] * num_tasks)
+        k, rem = divmod(r["step"], steps_per_task)
+        if rem == 0 and 1 <= k <= num_tasks and f"task{k - 1}_accuracy" in r:
+            value = r[f"task{k - 1}_accuracy"]
+            row[k - 1] = math.nan if value is None else float(value)
     return out
 
 
