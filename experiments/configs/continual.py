@@ -29,6 +29,7 @@ the accuracy on every task at every task boundary).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import ml_collections
@@ -36,13 +37,15 @@ import ml_collections
 from experiments.study import study_config
 
 METHODS = ("sgd", "l2", "l2_init", "spectral", "wasserstein")
-GRIDS = {  # 100x, log-spaced; the spec's own strength is the middle value
+GRIDS: dict[
+    str, tuple[float, ...]
+] = {  # 100x, log-spaced; the spec's own strength is the middle value
     "l2": (1e-5, 1e-4, 1e-3),
     "l2_init": (1e-4, 1e-3, 1e-2),
     "spectral": (1e-4, 1e-3, 1e-2),
     "wasserstein": (1e-4, 1e-3, 1e-2),
 }
-FULL_GRIDS = {  # 1000x, log-spaced
+FULL_GRIDS: dict[str, tuple[float, ...]] = {  # 1000x, log-spaced
     "l2": (1e-6, 1e-5, 1e-4, 1e-3),
     "l2_init": (1e-5, 1e-4, 1e-3, 1e-2),
     "spectral": (1e-5, 1e-4, 1e-3, 1e-2),
@@ -50,7 +53,7 @@ FULL_GRIDS = {  # 1000x, log-spaced
 }
 
 
-def _methods(base: dict[str, Any], grids: dict[str, tuple[float, ...]]) -> dict[str, Any]:
+def _methods(base: dict[str, Any], grids: Mapping[str, tuple[float, ...]]) -> dict[str, Any]:
     methods: dict[str, Any] = {"sgd": {**base, "regularizer": "none"}}
     for name, grid in grids.items():
         methods[name] = {
@@ -86,7 +89,7 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
         smoke = variant == "smoke"
         base = {"optimizer": "sgd", "learning_rate": 0.1}
         per_task = 5 if smoke else 50
-        streams = {
+        streams: dict[str, dict[str, Any]] = {
             "permuted": {"kind": "permuted", "num_tasks": 2 if smoke else 5},
             "label_flip": {"kind": "label_flip", "num_tasks": 2 if smoke else 8},
             "class_incremental": {"kind": "class_incremental", "num_tasks": 5},
