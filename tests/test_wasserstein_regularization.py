@@ -72,10 +72,9 @@ def test_permuted_initial_weights_cost_nothing_and_the_state_is_a_snapshot():
 @pytest.mark.parametrize(
     "factory", [optlab.wasserstein_regularization, optlab.l2_init_regularization]
 )
-def test_composition(factory, tmp_path):
+def test_composition(factory):
     """chain before sgd with inject_hyperparams (strength traced, changed without a
-    retrace), MultiSteps(2) = one update on the mean gradient, nnx.Optimizer, a donating jit,
-    an Orbax resume."""
+    retrace), MultiSteps(2) = one update on the mean gradient, the snapshot taken at init."""
     injected = optax.chain(optax.inject_hyperparams(factory)(0.2), optax.sgd(0.1))
     plain = optax.chain(factory(0.5), optax.sgd(0.1))
     multi = optax.MultiSteps(plain, every_k_schedule=2)
@@ -114,10 +113,21 @@ def test_composition(factory, tmp_path):
     # Every weight 0.1 above its initial value (a shift keeps the ranks, so the Wasserstein
     # target is the weight's own initial value too): -lr * 2 * lam * 0.1 = -0.01 everywhere.
     assert_trees_close(pulled, jax.tree.map(lambda p: jnp.full_like(p, -0.01), params))
-    state = check_composition(plain, tmp_path / "ckpt")
-    assert isinstance(
-        state[0], (optlab.WassersteinRegularizationState, optlab.L2InitRegularizationState)
+
+
+def test_nnx_optimizer_donation_and_orbax_resume_of_both_in_one_chain(tmp_path):
+    """One chain holds both transforms (one compile set for the two): nnx.Optimizer, a
+    donating jit (the snapshots must not alias the donated params) and an Orbax resume."""
+    tx = optax.chain(
+        optlab.wasserstein_regularization(0.2),
+        optlab.l2_init_regularization(0.3, mask=lambda p: jax.tree.map(lambda x: x.ndim > 1, p)),
+        optax.sgd(0.1, momentum=0.9),
     )
+    state = check_composition(tx, tmp_path / "ckpt")
+    assert isinstance(state[0], optlab.WassersteinRegularizationState)
+    assert isinstance(state[1], optlab.L2InitRegularizationState)
+    assert state[0].sorted_init["hidden"]["kernel"].shape == (12,)
+    assert state[1].init_params["hidden"]["bias"] is None
 
 
 @pytest.mark.parametrize(
