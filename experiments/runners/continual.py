@@ -262,8 +262,8 @@ def build_study(config: ml_collections.ConfigDict) -> st.Study:
             "Footing: the same base optimizer, data, seeds and budget for every method; each "
             "regularizer adds the gradient of strength * R(params) before it (a loss term); "
             "strengths tuned on the last task's validation split; the sensitivity claims "
-            "compare the per-seed spread of test accuracy over each method's own grid "
-            "(1000x, log-spaced), guarded by its worst and mean value.",
+            "compare the per-seed spread of test accuracy over each method's own strength "
+            "grid, guarded by its worst and mean value.",
         ],
         config=config.to_dict(),
     )
