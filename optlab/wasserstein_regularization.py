@@ -176,7 +176,8 @@ def wasserstein_regularization(
     def target(p: jax.Array, sorted_init: jax.Array) -> jax.Array:
         flat = jnp.ravel(p)
         ranks_order = jnp.argsort(flat, stable=True)  # ranks_order[j]: index of the j-th smallest
-        return jnp.zeros_like(flat).at[ranks_order].set(sorted_init).reshape(p.shape)
+        target = jnp.zeros_like(flat).at[ranks_order].set(sorted_init, unique_indices=True)
+        return target.reshape(p.shape)
 
     def update_fn(
         updates: PyTree,
