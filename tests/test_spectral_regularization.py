@@ -142,20 +142,25 @@ def test_chain_with_sgd_matches_a_numpy_loop_under_one_jit(x64):
     assert state[0].inner_state.sigma["b1"] is None
 
 
-@pytest.mark.parametrize("power", [1.0, 2.0])
-def test_zero_matrix_stays_finite_and_recovers(power):
+@pytest.mark.parametrize(("power", "dtype"), [(1.0, jnp.float32), (2.0, jnp.bfloat16)])
+def test_zero_matrix_stays_finite_and_recovers(power, dtype):
+    """Zero kernel and bias: finite updates, unit vectors kept; bf16 params keep their dtype
+    (the power iteration runs in float32 in the state)."""
     tx = optlab.spectral_regularization(1.0, power=power, bias_strength=1.0)
-    params = {"w": jnp.zeros((3, 2)), "b": jnp.zeros(2)}
+    params = {"w": jnp.zeros((3, 2), dtype), "b": jnp.zeros(2, dtype)}
     state = tx.init(params)
     update = jax.jit(tx.update)
     out, state = update(optax.tree.zeros_like(params), state, params)
-    assert all(np.isfinite(np.asarray(x)).all() for x in jax.tree.leaves((out, state)))
+    assert all(np.isfinite(np.asarray(x, np.float32)).all() for x in jax.tree.leaves((out, state)))
+    assert out["w"].dtype == dtype
+    assert state.u["w"].dtype == jnp.float32
     np.testing.assert_allclose(np.linalg.norm(state.u["w"]), 1.0, rtol=1e-6)
     assert float(state.sigma["w"]) == 0.0
-    np.testing.assert_array_equal(out["b"], 0.0)
+    np.testing.assert_array_equal(np.asarray(out["b"], np.float32), 0.0)
     # sigma = 0: the k = 1 penalty (sigma - 1)^2 pulls W along u v^T; for k = 2 the slope is 0
-    np.testing.assert_allclose(np.linalg.norm(out["w"]), 0.0 if power == 2.0 else 2.0, atol=1e-5)
-    params = {"w": jnp.array([[0.0, 0.0], [0.0, 2.0], [0.0, 0.0]]), "b": jnp.zeros(2)}
+    norm = np.linalg.norm(np.asarray(out["w"], np.float32))
+    np.testing.assert_allclose(norm, 0.0 if power == 2.0 else 2.0, atol=1e-5)
+    params = {"w": jnp.array([[0.0, 0.0], [0.0, 2.0], [0.0, 0.0]], dtype), "b": jnp.zeros(2, dtype)}
     for _ in range(3):
         out, state = update(optax.tree.zeros_like(params), state, params)
     np.testing.assert_allclose(state.sigma["w"], 2.0, rtol=1e-6)
