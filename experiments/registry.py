@@ -114,7 +114,6 @@ EXPERIMENTS: dict[str, Experiment] = {
             runtime=(
                 "quick: 260-328 s wall on a shared 2-core CPU at load 15-20 (65-94 s CPU); "
                 "full: about a day on one GPU"
-                "full: about a day on one GPU"
             ),
         ),
         Experiment(
@@ -177,6 +176,22 @@ EXPERIMENTS: dict[str, Experiment] = {
             runtime=(
                 "quick: 637 s on a 2-core CPU under load (103 s of CPU time); "
                 "full: hours on one GPU"
+            ),
+        ),
+        Experiment(
+            "continual",
+            "experiments.runners.continual",
+            "experiments.configs.continual",
+            claim=(
+                "Spectral regularization (Lewandowski et al., ICLR 2025) sustains trainability "
+                "on streams of tasks (permuted pixels, label flips, class-incremental): a late "
+                "task's accuracy after training on it beats plain SGD's, and it is less "
+                "sensitive to its strength than L2, L2 Init and the Wasserstein regularizer."
+            ),
+            variants=("smoke", "quick", "full"),
+            runtime=(
+                "quick: 232 s of CPU (22.5 min wall at a 17 % share of a shared 2-core CPU); "
+                "full: days on one GPU"
             ),
         ),
     )

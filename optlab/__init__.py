@@ -27,6 +27,17 @@ from optlab.perturbation import grad_at_point, safe_global_norm
 from optlab.sa_sam import SASAMState, sa_sam
 from optlab.sam import SAMState, asam_scale, asam_weight_mask, sam
 from optlab.sharpness import hessian_top_eigenvalue, hessian_trace
+from optlab.spectral_regularization import (
+    SpectralRegularizationState,
+    spectral_norms,
+    spectral_regularization,
+)
+from optlab.wasserstein_regularization import (
+    L2InitRegularizationState,
+    WassersteinRegularizationState,
+    l2_init_regularization,
+    wasserstein_regularization,
+)
 
 __version__ = "0.1.0"
 
@@ -36,12 +47,15 @@ __all__ = [
     "DiLoCoState",
     "ExtrapolationState",
     "GradAlignState",
+    "L2InitRegularizationState",
     "LocalSGDState",
     "LookaheadState",
     "PALSGDState",
     "PathGeometry",
     "SAMState",
     "SASAMState",
+    "SpectralRegularizationState",
+    "WassersteinRegularizationState",
     "__version__",
     "asam_scale",
     "asam_weight_mask",
@@ -58,6 +72,7 @@ __all__ = [
     "gradalign",
     "hessian_top_eigenvalue",
     "hessian_trace",
+    "l2_init_regularization",
     "local_sgd",
     "lookahead",
     "mean_gradients",
@@ -74,4 +89,7 @@ __all__ = [
     "safe_global_norm",
     "sam",
     "slow_params",
+    "spectral_norms",
+    "spectral_regularization",
+    "wasserstein_regularization",
 ]

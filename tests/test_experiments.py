@@ -376,3 +376,81 @@ def test_local_sgd_curves_and_times_to_target():
     assert out["model_time_to_target"][0] == 25
     assert np.isnan(out["model_time_to_target"][1])  # never reached: NaN, counted as missing
     assert out["comm_rounds"] == [7, 2]
+
+
+# --- continual ---------------------------------------------------------------------------------
+
+
+def _toy_task_data(steps: int) -> st.TaskData:
+    from experiments.data.dataset import Dataset
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(40, 2, 2, 1)).astype(np.float32)
+    y = np.arange(40) % 4
+    data = Dataset("toy", x[:24], y[:24], x[24:32], y[24:32], 4)
+    task = st.Task("toy", "digits", "mlp", batch_size=4, steps=steps)
+    return st.TaskData(task, data, x[32:], y[32:], (), steps, 4)
+
+
+def test_continual_streams_are_the_declared_shifts():
+    """permuted: pixels permuted per task (task 0 the identity); label_flip: labels mapped
+    through a permutation per task; class_incremental: task k holds every class seen so far.
+    The test and validation sets in place are the last task's."""
+    from experiments.runners.continual import build_stream
+
+    data = _toy_task_data(12)
+    x, y = data.dataset.x_train, data.dataset.y_train
+    permuted, stream = build_stream(data, "permuted", 3, seed=0)
+    assert stream.steps_per_task == 4
+    assert [len(b) for b in stream.blocks] == [24, 24, 24]
+    np.testing.assert_array_equal(permuted.dataset.x_train[:24], x)
+    last = permuted.dataset.x_train[48:].reshape(24, -1)
+    perm = np.argsort(np.argsort(last[0]))  # x has distinct values: recover the permutation
+    order = np.argsort(x[0].ravel())[perm]
+    np.testing.assert_array_equal(last, x.reshape(24, -1)[:, order])
+    np.testing.assert_array_equal(permuted.dataset.x_test, stream.tests[-1][0])
+    np.testing.assert_array_equal(
+        permuted.x_val.reshape(8, -1), data.x_val.reshape(8, -1)[:, order]
+    )
+
+    flipped, stream = build_stream(data, "label_flip", 2, seed=0)
+    np.testing.assert_array_equal(flipped.dataset.x_train[24:], x)
+    mapping = {int(a): int(b) for a, b in zip(y, flipped.dataset.y_train[24:], strict=True)}
+    assert sorted(mapping.values()) == [0, 1, 2, 3]  # a permutation of the labels
+    np.testing.assert_array_equal(flipped.y_val, [mapping[int(v)] for v in data.y_val])
+
+    _, stream = build_stream(data, "class_incremental", 2, seed=0)
+    first, both = (set(y[b].tolist()) for b in stream.blocks)
+    assert len(first) == 2
+    assert both == {0, 1, 2, 3}
+    assert set(stream.tests[0][1].tolist()) == first
+    with pytest.raises(ValueError, match="num_tasks"):
+        build_stream(data, "class_incremental", 3, seed=0)
+
+
+def test_continual_accuracy_after_each_task_reads_the_boundaries():
+    from experiments.runners.continual import accuracy_after_each_task
+
+    rows = [
+        {"method": "sgd", "point": "", "seed": 0, "step": 5, "task0_accuracy": 0.9},
+        {"method": "sgd", "point": "", "seed": 0, "step": 7, "task0_accuracy": 0.1},
+        {"method": "sgd", "point": "", "seed": 0, "step": 10, "task1_accuracy": 0.8},
+        {"method": "sgd", "point": "", "seed": 1, "step": 10, "task1_accuracy": None},
+    ]
+    out = accuracy_after_each_task(rows, steps_per_task=5, num_tasks=2)
+    assert out[("sgd", "", 0)] == [0.9, 0.8]
+    assert np.isnan(out[("sgd", "", 1)]).all()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--config.streams.permuted.kind=rotated", "streams.permuted.kind must be one of"),
+        ("--config.tasks.permuted.steps=11", "must be a multiple of streams.permuted.num_tasks"),
+        ("--config.methods.spectral.regularizer=dropout", "regularizer must be one of"),
+    ],
+)
+def test_continual_bad_config_is_a_one_line_error(capsys, tmp_path, override, message):
+    argv = ["run", "continual", "--variant", "smoke", "--workdir", str(tmp_path / "w"), override]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err

@@ -18,6 +18,8 @@ SMOKE_PARAMETERS = {
     "lookahead": "STEPS = 30\nEVAL_EVERY = 3",
     "sam": "STEPS = 20\nSEEDS = (0,)\nSHARPNESS_EXAMPLES = 64\nPOWER_ITERS = 3\nTRACE_SAMPLES = 2",
     "distributed": "STEPS = 12\nSYNC_PERIOD = 4",
+    "pruning_and_continual": "NUM_TASKS = 2\nSTEPS_PER_TASK = 5\nSEEDS = (0,)\n"
+    "METHODS = ('spectral',)",
 }
 ALL = sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb"))
 

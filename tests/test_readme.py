@@ -23,8 +23,9 @@ def test_setup_is_exactly_two_commands_and_ci_runs_the_test_one():
 
 
 def test_python_example_runs():
-    code = re.search(r"## Use an optlab piece in your own code\s+```python\n(.*?)```", README,
-                     re.S).group(1)
+    code = re.search(
+        r"## Use an optlab piece in your own code\s+```python\n(.*?)```", README, re.S
+    ).group(1)
     namespace: dict = {}
     exec(compile(code, "README.md", "exec"), namespace)
     # The same 100 steps as a plain loop from the paper's equations: 5 fast steps of SGD with

@@ -27,8 +27,11 @@ def test_int_accepts_integers(value):
         (5.0, {"min_value": 1}, "k must be an integer >= 1, got 5.0 of type float."),
         (True, {"min_value": 1}, "k must be an integer >= 1, got True of type bool."),
         ("5", {}, "k must be an integer, got '5' of type str."),
-        (9, {"max_value": 8, "note": " (the number of examples)"},
-         "k must be an integer <= 8 (the number of examples), got 9."),
+        (
+            9,
+            {"max_value": 8, "note": " (the number of examples)"},
+            "k must be an integer <= 8 (the number of examples), got 9.",
+        ),
     ],
 )
 def test_int_errors_name_parameter_and_range(value, kwargs, message):

@@ -29,6 +29,7 @@ from __future__ import annotations
 # counterpart must be registered before the entry naming it).
 from experiments.bench import (
     baselines,  # registers optax.sgd, sgd+momentum, adam: keep first
+    entries_continual,  # spectral / Wasserstein / L2 Init regularizers before sgd
     entries_lookahead,  # optlab (multilayer) lookahead vs optax.lookahead, 1-3 levels
     entries_sam,  # optlab.sam/ASAM vs optax.contrib.sam, extrap_sgd, past, sa_sam
 )
@@ -53,6 +54,7 @@ __all__ = [
     "Registry",
     "baselines",
     "entries",
+    "entries_continual",
     "entries_lookahead",
     "entries_sam",
     "get_entry",
