@@ -64,8 +64,8 @@ def _masked_totals(logits: jax.Array, y: jax.Array, mask: jax.Array) -> tuple[ja
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, y)
     correct = jnp.argmax(logits, -1) == y
     keep = mask.reshape(mask.shape + (1,) * (y.ndim - 1))  # every label of a kept example
-    return (
-        jnp.sum(jnp.where(keep, losses, 0.0), dtype=jnp.float32),
+    return (  # sums in float32 at least (bfloat16 logits), float64 under x64
+        jnp.sum(jnp.where(keep, losses, 0.0), dtype=jnp.promote_types(losses.dtype, jnp.float32)),
         jnp.sum(jnp.where(keep, correct, 0)),
     )
 
