@@ -86,6 +86,7 @@ PyTree = Any
 Record = dict[str, Any]
 AGGREGATES = ("spread", "drop", "worst", "mean", "sensitivity")
 PARTITIONS = ("iid", "dirichlet", "k_classes")
+TEXT_FIELDS = ("text_file", "text_context", "text_bytes")  # options of the "text" dataset
 TASK_FIELDS = (
     "dataset",
     "model",
@@ -100,9 +101,7 @@ TASK_FIELDS = (
     "l2",
     "data_seed",
     "data_dir",
-    "text_file",
-    "text_context",
-    "text_bytes",
+    *TEXT_FIELDS,
     "log_every",
     "eval_every",
     "checkpoint_every",
@@ -330,10 +329,15 @@ def tasks_from_config(config: ml_collections.ConfigDict) -> tuple[Task, ...]:
                 f"tasks.{name}: unknown fields {unknown}; allowed: {list(TASK_FIELDS)}."
             )
         fields = {k: config[k] for k in TASK_FIELDS if k in config and k != "dataset"}
-        fields.update({k: v for k, v in entry.items() if v is not None})
+        own = {k: v for k, v in entry.items() if v is not None}
+        fields.update(own)
         if "steps" in entry and entry["steps"] is not None and entry.get("epochs") is None:
             fields["epochs"] = 0  # a task that sets only its steps: steps, not the default epochs
         fields.setdefault("dataset", name)
+        if fields["dataset"] != "text":  # top-level text options are defaults of text tasks
+            for k in TEXT_FIELDS:
+                if k not in own:
+                    fields.pop(k, None)
         tasks.append(Task(name=name, **fields))
     return tuple(tasks)
 
@@ -438,7 +442,7 @@ def _validate_study(study: Study) -> None:
                     f"{where}.{field} must be >= 0 (0: the default), got {getattr(t, field)}."
                 )
         if t.dataset != "text":
-            for field in ("text_file", "text_context", "text_bytes"):
+            for field in TEXT_FIELDS:
                 if getattr(t, field):
                     raise ValueError(
                         f"{where}.{field} applies to the 'text' dataset only; this task's "

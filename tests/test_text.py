@@ -17,7 +17,7 @@ import pytest
 
 import optlab
 from experiments import study as st
-from experiments.cli import apply_overrides
+from experiments.cli import UsageError, apply_overrides, check_task_overrides
 from experiments.data import DatasetNotFoundError, load_dataset
 from experiments.data.text import read_corpus, stdlib_files, windows
 from experiments.errors import ConfigError
@@ -144,12 +144,28 @@ def test_study_text_task_splits_partitions_and_refusals():
         st._load(_text_task(batch_size=10_000), 1, {})
 
 
-def test_cli_text_file_override_reaches_the_task(tmp_path):
-    config = st.study_config(tasks={"text": {"dataset": "text", "model": "transformer_lm"}})
+@pytest.mark.parametrize("variant", ["smoke", "quick"])
+def test_baselines_text_task_and_cli_overrides_reach_the_task(tmp_path, variant):
+    from experiments.configs.baselines import get_config
+    from experiments.runners import baselines
+
+    config = get_config(variant)
     path = str(tmp_path / "book.txt")
-    assert apply_overrides(config, [f"--config.text_file={path}", "--config.text_context=32"])
-    (task,) = st.tasks_from_config(config)
-    assert (task.text_file, task.text_context, task.text_bytes) == (path, 32, 0)
+    overrides = ["--config.task_names=digits,text", f"--config.text_file={path}"]
+    assert apply_overrides(config, [*overrides, "--config.tasks.text.text_context=32"])
+    digits, text = st.tasks_from_config(config)
+    assert (text.dataset, text.text_file, text.text_context) == ("text", path, 32)
+    assert text.model in ("transformer_lm", "transformer_lm_tiny")
+    assert (digits.text_file, digits.text_context) == ("", 0)  # text options: text tasks only
+    baselines.validate(config)  # the whole study builds
+    # A top-level default the text task sets itself is refused only when the task runs.
+    with pytest.raises(UsageError, match=r"set --config\.tasks\.text\.batch_size instead"):
+        check_task_overrides(config, ["batch_size"])
+    config.task_names = ("digits",)
+    check_task_overrides(config, ["batch_size"])
+    config.tasks.digits.text_file = path  # but set on a digits task itself: refused
+    with pytest.raises(ValueError, match=r"tasks\.digits\.text_file applies to the 'text'"):
+        baselines.validate(config)
 
 
 def test_study_trains_the_transformer_on_text(tmp_path):
