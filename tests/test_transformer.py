@@ -7,6 +7,7 @@ arguments; the evaluators against hand-computed cross-entropies of fixed distrib
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -121,6 +122,10 @@ def test_options_positions_head_and_bad_arguments():
     assert shapes["head"]["kernel"].shape == (8, 11)
     assert sum(k.startswith("block_") for k in shapes) == 3
     assert jax.eval_shape(untied.apply, {"params": shapes}, tokens).shape == (2, 8, 11)
+    dropout = make_model("transformer_lm_tiny", num_classes=256, dropout_rate=0.1)
+    params, state = jax.eval_shape(dropout.init, key, tokens)
+    train = functools.partial(dropout.apply, train=True, rng=key)  # dropout needs the rng
+    assert jax.eval_shape(train, params, state, tokens)[0].shape == (2, 8, 256)
 
     with pytest.raises(ValueError, match="multiple of num_heads"):
         TransformerLM(num_classes=256, d_model=10, num_heads=4)
