@@ -12,10 +12,8 @@ import sysconfig
 from pathlib import Path
 
 import numpy as np
-import optax
 import pytest
 
-import optlab
 from experiments import study as st
 from experiments.cli import UsageError, apply_overrides, check_task_overrides
 from experiments.data import DatasetNotFoundError, load_dataset
@@ -100,19 +98,14 @@ def _text_task(**fields) -> st.Task:
     return st.Task("text", "text", "transformer_lm_tiny", **{**defaults, **fields})
 
 
-def _study(task: st.Task, **fields) -> st.Study:
-    def make_tx(spec, ctx):
-        base = make_optimizer(spec, steps=ctx.steps)
-        return optax.chain(optlab.mean_gradients(ctx.axis_name), base) if ctx.axis_name else base
-
+def _study(task: st.Task) -> st.Study:
     return st.Study(
         name="lm",
         claim="a byte-level transformer learns",
         tasks=(task,),
         methods=(st.Method("adam", {"optimizer": "adam", "learning_rate": 1e-2}),),
         seeds=(0,),
-        make_tx=make_tx,
-        **fields,
+        make_tx=lambda spec, ctx: make_optimizer(spec, steps=ctx.steps),
     )
 
 
