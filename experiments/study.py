@@ -339,6 +339,12 @@ def tasks_from_config(config: ml_collections.ConfigDict) -> tuple[Task, ...]:
                 if k not in own:
                     fields.pop(k, None)
         tasks.append(Task(name=name, **fields))
+    unused = [k for k in TEXT_FIELDS if config.get(k)]
+    if unused and not any(t.dataset == "text" for t in tasks):
+        raise ValueError(
+            f"{', '.join(unused)} set, but no task that runs uses the 'text' dataset (tasks: "
+            f"{', '.join(t.name for t in tasks)}); select one with task_names, or unset them."
+        )
     return tuple(tasks)
 
 

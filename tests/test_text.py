@@ -156,6 +156,9 @@ def test_baselines_text_task_and_cli_overrides_reach_the_task(tmp_path, variant)
         check_task_overrides(config, ["batch_size"])
     config.task_names = ("digits",)
     check_task_overrides(config, ["batch_size"])
+    with pytest.raises(ValueError, match="text_file set, but no task that runs uses"):
+        st.tasks_from_config(config)  # the text_file override would have no effect
+    config.task_names = ("digits", "text")
     config.tasks.digits.text_file = path  # but set on a digits task itself: refused
     with pytest.raises(ValueError, match=r"tasks\.digits\.text_file applies to the 'text'"):
         baselines.validate(config)
