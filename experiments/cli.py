@@ -147,7 +147,8 @@ def check_task_overrides(config: Any, changed: Sequence[str]) -> None:
 
     A top-level key is the default of the task field of the same name; a task that sets the
     field itself would silently ignore ``--config.KEY``, so the user is told which key to set
-    instead (unless they set that one as well).
+    instead (unless they set that one as well). Only the tasks that run count (those of
+    ``task_names``, all when it is empty): a task left out ignores nothing.
     """
     import ml_collections
 
@@ -155,6 +156,7 @@ def check_task_overrides(config: Any, changed: Sequence[str]) -> None:
     if not isinstance(tasks, ml_collections.ConfigDict):
         return
     given = set(changed)
+    selected = set(config.get("task_names", ()) or ()) or set(tasks)
     for key in changed:
         parts = key.split(".")
         if parts[0] == "tasks":
@@ -172,6 +174,7 @@ def check_task_overrides(config: Any, changed: Sequence[str]) -> None:
         shadowing = {
             name: field
             for name, task in tasks.items()
+            if name in selected
             for field in fields
             if _sets(task, field) and f"tasks.{name}.{field}" not in given
         }

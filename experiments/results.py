@@ -332,9 +332,17 @@ def _markdown(
         f"{devices.get('used', '?')} of {devices.get('count', '?')} x {devices.get('kind', '?')}.",
         "",
     ]
-    metrics = list(study.table_metrics)
     for task in study.tasks:
         d = data[task.name]
+        # Language-model tasks (sequence labels) also show their perplexities.
+        metrics = list(study.table_metrics) + [
+            k
+            for k in ("test_perplexity", "val_perplexity")
+            if k not in study.table_metrics
+            and any(
+                s["task"] == task.name and s.get(k, {}).get("n", 0) for s in results["summaries"]
+            )
+        ]
         lines += [
             f"## Task `{task.name}`",
             "",

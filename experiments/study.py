@@ -61,7 +61,7 @@ from experiments.data import DATASET_NAMES, Dataset, load_dataset
 from experiments.data.partition import partition_dirichlet, partition_iid, partition_k_classes
 from experiments.distributed import is_main_process
 from experiments.errors import ConfigError
-from experiments.models import make_model, model_names
+from experiments.models import LANGUAGE_MODELS, make_model, model_names
 from experiments.train.losses import classification_loss, make_stacked_evaluator
 from experiments.train.metrics import MetricsWriter, read_metrics
 from experiments.train.plans import BatchPlan, EpochPlan, WorkerPlan
@@ -92,6 +92,7 @@ PyTree = Any
 Record = dict[str, Any]
 AGGREGATES = ("spread", "drop", "worst", "mean", "sensitivity")
 PARTITIONS = ("iid", "dirichlet", "k_classes")
+TEXT_FIELDS = ("text_file", "text_context", "text_bytes")  # options of the "text" dataset
 TASK_FIELDS = (
     "dataset",
     "model",
@@ -106,6 +107,7 @@ TASK_FIELDS = (
     "l2",
     "data_seed",
     "data_dir",
+    *TEXT_FIELDS,
     "log_every",
     "eval_every",
     "checkpoint_every",
@@ -133,6 +135,11 @@ class Task:
         (``partition_classes`` classes per worker).
       l2: an L2 term ``l2 / 2 * ||W||^2`` over the kernels (leaves of rank >= 2) added to
         the training loss, as the official SAM code does, so perturbations see it.
+      text_file, text_context, text_bytes: options of the ``"text"`` dataset only (see
+        :mod:`experiments.data.text`): a text file instead of the standard-library corpus
+        (``""``), the context length in bytes and the byte budget (``0``: the loader's
+        defaults, 64 and 1 MiB). Its validation split is the last contiguous block of the
+        training windows, and only the ``"iid"`` partition applies.
     """
 
     name: str
@@ -149,6 +156,9 @@ class Task:
     l2: float = 0.0
     data_seed: int = 0
     data_dir: str = ""
+    text_file: str = ""
+    text_context: int = 0
+    text_bytes: int = 0
     log_every: int = 25
     eval_every: int = 0
     checkpoint_every: int = 0
@@ -294,6 +304,9 @@ def study_config(**fields: Any) -> ml_collections.ConfigDict:
             "seeds": (0, 1, 2, 3, 4),
             "data_dir": "",
             "data_seed": 0,
+            "text_file": "",  # the "text" dataset's options (see Task)
+            "text_context": 0,
+            "text_bytes": 0,
             "model": "mlp",
             "batch_size": 64,
             "steps": 0,
@@ -339,11 +352,22 @@ def tasks_from_config(config: ml_collections.ConfigDict) -> tuple[Task, ...]:
                 f"tasks.{name}: unknown fields {unknown}; allowed: {list(TASK_FIELDS)}."
             )
         fields = {k: config[k] for k in TASK_FIELDS if k in config and k != "dataset"}
-        fields.update({k: v for k, v in entry.items() if v is not None})
+        own = {k: v for k, v in entry.items() if v is not None}
+        fields.update(own)
         if "steps" in entry and entry["steps"] is not None and entry.get("epochs") is None:
             fields["epochs"] = 0  # a task that sets only its steps: steps, not the default epochs
         fields.setdefault("dataset", name)
+        if fields["dataset"] != "text":  # top-level text options are defaults of text tasks
+            for k in TEXT_FIELDS:
+                if k not in own:
+                    fields.pop(k, None)
         tasks.append(Task(name=name, **fields))
+    unused = [k for k in TEXT_FIELDS if config.get(k)]
+    if unused and not any(t.dataset == "text" for t in tasks):
+        raise ValueError(
+            f"{', '.join(unused)} set, but no task that runs uses the 'text' dataset (tasks: "
+            f"{', '.join(t.name for t in tasks)}); select one with task_names, or unset them."
+        )
     return tuple(tasks)
 
 
@@ -418,6 +442,15 @@ def _validate_study(study: Study) -> None:
             raise ValueError(f"{where}.dataset must be one of {DATASET_NAMES}, got {t.dataset!r}.")
         if t.model not in model_names():
             raise ValueError(f"{where}.model must be one of {model_names()}, got {t.model!r}.")
+        if (t.dataset == "text") != (t.model in LANGUAGE_MODELS):
+            allowed = (
+                f"one of {LANGUAGE_MODELS}"
+                if t.dataset == "text"
+                else f"a classifier, not one of {LANGUAGE_MODELS}"
+            )
+            raise ValueError(
+                f"{where}.model must be {allowed} for the {t.dataset!r} dataset, got {t.model!r}."
+            )
         if t.steps < 0 or t.epochs < 0 or (t.steps == 0 and t.epochs == 0):
             raise ValueError(
                 f"{where}: set steps >= 1 or epochs >= 1, got steps={t.steps}, epochs={t.epochs}."
@@ -447,6 +480,24 @@ def _validate_study(study: Study) -> None:
             raise ValueError(f"{where}.partition must be one of {PARTITIONS}, got {t.partition!r}.")
         if t.l2 < 0:
             raise ValueError(f"{where}.l2 must be >= 0, got {t.l2}.")
+        for field in ("text_context", "text_bytes"):
+            if getattr(t, field) < 0:
+                raise ValueError(
+                    f"{where}.{field} must be >= 0 (0: the default), got {getattr(t, field)}."
+                )
+        if t.dataset != "text":
+            for field in TEXT_FIELDS:
+                if getattr(t, field):
+                    raise ValueError(
+                        f"{where}.{field} applies to the 'text' dataset only; this task's "
+                        f"dataset is {t.dataset!r} (set tasks.{t.name}.dataset=text, or "
+                        f"unset {field})."
+                    )
+        elif t.workers and t.partition != "iid":
+            raise ValueError(
+                f"{where}.partition must be 'iid' for the 'text' dataset (its labels are "
+                f"next bytes, not classes), got {t.partition!r}."
+            )
     names = [m.name for m in study.methods]
     if len(set(names)) != len(names):
         raise ValueError(f"method_names must not repeat, got {names}.")
@@ -557,14 +608,31 @@ def describe(study: Study) -> str:
 # --- data ------------------------------------------------------------------------------------
 
 
+def _dataset_options(task: Task) -> dict[str, Any]:
+    """The loader's keyword options a task sets (the defaults are the loader's own)."""
+    if task.dataset != "text":
+        return {}
+    options = {"text_file": task.text_file, "context": task.text_context}
+    options["max_bytes"] = task.text_bytes
+    return {k: v for k, v in options.items() if v}
+
+
 def _load(task: Task, devices: int, cache: dict) -> TaskData:
-    key = (task.dataset, task.data_seed, task.data_dir)
+    options = _dataset_options(task)
+    key = (task.dataset, task.data_seed, task.data_dir, tuple(sorted(options.items())))
     if key not in cache:
-        cache[key] = load_dataset(task.dataset, seed=task.data_seed, data_dir=task.data_dir or None)
+        cache[key] = load_dataset(
+            task.dataset, seed=task.data_seed, data_dir=task.data_dir or None, **options
+        )
     full: Dataset = cache[key]
     n = len(full.x_train)
-    order = np.random.default_rng([task.data_seed, 0x5A11]).permutation(n)
     n_val = round(task.validation_fraction * n)
+    if full.y_train.ndim > 1:
+        # Windows of one text, in order: the validation split is the last contiguous block,
+        # so it shares no text with the training windows (a random split would interleave).
+        order = np.arange(n)[::-1]
+    else:
+        order = np.random.default_rng([task.data_seed, 0x5A11]).permutation(n)
     val, train = np.sort(order[:n_val]), np.sort(order[n_val:])
     dataset = full._replace(x_train=full.x_train[train], y_train=full.y_train[train])
     partitions: tuple[np.ndarray, ...] = ()
@@ -573,8 +641,8 @@ def _load(task: Task, devices: int, cache: dict) -> TaskData:
     if task.workers:
         rng = np.random.default_rng([task.data_seed, 0xC11E])
         labels = dataset.y_train
-        if task.partition == "iid":
-            parts = partition_iid(labels, task.workers, rng=rng)
+        if task.partition == "iid":  # only the number of examples matters
+            parts = partition_iid(np.arange(len(labels)), task.workers, rng=rng)
         elif task.partition == "dirichlet":
             parts = partition_dirichlet(labels, task.workers, task.partition_alpha, rng=rng)
         else:

@@ -18,7 +18,7 @@ from experiments.bench.study_overhead import bench_study_overhead
 from experiments.bench.timing import progress
 from experiments.bench.train_steps import bench_train_steps
 from experiments.bench.updates import bench_updates
-from experiments.models import model_names
+from experiments.models import LANGUAGE_MODELS, model_names
 
 __all__ = ["BenchConfig", "main", "parse_args", "run_bench", "select_entries"]
 
@@ -150,7 +150,7 @@ def _parser() -> argparse.ArgumentParser:
         "--models",
         nargs="*",
         metavar="MODEL",
-        choices=model_names(),
+        choices=[m for m in model_names() if m not in LANGUAGE_MODELS],  # they train on digits
         help="train-step models, of: %(choices)s (none: skip this part)",
     )
     over.add_argument("--train-reps", type=_positive_int, help="train-step samples per entry")

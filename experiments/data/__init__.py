@@ -1,6 +1,7 @@
 """Data for the research harness: datasets, worker/client partitions, batching.
 
-Offline by default (scikit-learn digits, locally generated MNIST-1D); MNIST,
+Offline by default (scikit-learn digits, locally generated MNIST-1D, byte-level text of
+the Python standard library's source or any ``text_file``); MNIST,
 Fashion-MNIST and CIFAR-10/100 come from raw files or a prepared TFDS ``array_record``
 build, never from a download.
 """

@@ -19,14 +19,15 @@ TEST_SALT = 1
 
 
 class Dataset(NamedTuple):
-    """An in-memory classification dataset.
+    """An in-memory classification (or next-token prediction) dataset.
 
     Attributes:
         name: Registry name of the dataset (e.g. ``"digits"``).
         x_train: Training inputs, float32, standardized with the training set's per-channel
             mean and standard deviation. Images are NHWC ``(N, H, W, C)``; 1-D signals are
-            ``(N, L, 1)``.
-        y_train: Training labels, int32, shape ``(N,)``, values in ``[0, num_classes)``.
+            ``(N, L, 1)``. Text (``"text"``) is int32 byte tokens ``(N, T)``.
+        y_train: Training labels, int32, shape ``(N,)``, values in ``[0, num_classes)``;
+            for text, the next byte at every position, ``(N, T)``.
         x_test: Test inputs, float32, standardized with the TRAINING statistics.
         y_test: Test labels, int32, shape ``(M,)``.
         num_classes: Number of classes of the task (not necessarily all present in a

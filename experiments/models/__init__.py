@@ -1,4 +1,4 @@
-"""Flax (linen) classifiers behind a framework-neutral, pure-function wrapper.
+"""Flax (linen) classifiers and a language model behind a framework-neutral, pure-function wrapper.
 
 The training step never touches Flax: it calls ``model.init(rng, x) -> (params, state)``
 and ``model.apply(params, state, x, train=..., rng=...) -> (logits, new_state)``, where
@@ -29,8 +29,10 @@ import numpy as np
 from experiments.models.cnn import SmallCNN
 from experiments.models.mlp import MLP
 from experiments.models.resnet import CifarResNet, ResNet, ResNet20
+from experiments.models.transformer import TransformerLM
 
 __all__ = [
+    "LANGUAGE_MODELS",
     "MLP",
     "CifarResNet",
     "Model",
@@ -39,6 +41,7 @@ __all__ = [
     "ResNet",
     "ResNet20",
     "SmallCNN",
+    "TransformerLM",
     "make_model",
     "model_names",
     "param_count",
@@ -131,7 +134,15 @@ _REGISTRY: Mapping[str, Callable[..., nn.Module]] = {
     "resnet44": lambda **kw: ResNet(44, **kw),
     "resnet56": lambda **kw: ResNet(56, **kw),
     "resnet110": lambda **kw: ResNet(110, **kw),
+    "transformer_lm": TransformerLM,  # d_model 64, 4 heads, 2 layers
+    "transformer_lm_tiny": lambda **kw: TransformerLM(
+        **{"d_model": 16, "num_heads": 2, "num_layers": 1, **kw}
+    ),
 }
+
+
+LANGUAGE_MODELS: tuple[str, ...] = ("transformer_lm", "transformer_lm_tiny")
+"""The registered models that map tokens ``(N, T)`` to logits ``(N, T, classes)``."""
 
 
 def model_names() -> tuple[str, ...]:
@@ -143,9 +154,12 @@ def make_model(name: str, num_classes: int, **kwargs: Any) -> Model:
     """Build a registered model by name.
 
     Args:
-      name: one of :func:`model_names` (``"mlp"``, ``"cnn"``, ``"resnet20"``, and the deeper
-        CIFAR ResNets ``"resnet32"``, ``"resnet44"``, ``"resnet56"``, ``"resnet110"``).
-      num_classes: number of output logits.
+      name: one of :func:`model_names` (``"mlp"``, ``"cnn"``, ``"resnet20"``, the deeper
+        CIFAR ResNets ``"resnet32"``, ``"resnet44"``, ``"resnet56"``, ``"resnet110"``, and
+        the decoder-only :class:`TransformerLM` ``"transformer_lm"`` (d_model 64, 4 heads,
+        2 layers) and ``"transformer_lm_tiny"`` (d_model 16, 2 heads, 1 layer), whose inputs
+        are tokens ``(N, T)`` and logits ``(N, T, num_classes)``).
+      num_classes: number of output logits (the vocabulary size for the language models).
       **kwargs: module attributes (e.g. ``hidden=(64,)`` for the MLP, ``width=32`` for a
         ResNet, ``dtype=jnp.bfloat16``).
 
