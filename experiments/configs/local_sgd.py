@@ -25,10 +25,11 @@ Nesterov outer step), ``prob`` / ``eta`` / ``shared_coin`` / ``coin_seed`` (PALS
 ``curves_against`` the x axes of the extra curve plots (``comm_rounds``, ``grad_evals``,
 ``measured_time_s``).
 
-Tasks: one entry per (dataset, model); a text task with the byte-level transformer is one
-more entry, e.g. ``tasks.text = {"dataset": <the text dataset>, "model": <the transformer>,
-"workers": 8, "steps": ..., "batch_size": ...}`` with the inner optimizer switched to
-``adam`` (DiLoCo's and PALSGD's language-model setting); every method then runs on it.
+Tasks: one entry per (dataset, model). ``tasks.text`` (smoke and quick) is the
+language-model variant: the byte-level transformer (``transformer_lm_tiny``) on the Python
+standard library's own source, or any ``--config.text_file=PATH``, 8 iid workers; it runs on
+request, ``--config.task_names=text`` (or ``digits,text``), with the same methods and inner
+optimizer as the digits task, and ``results.md`` adds validation and test perplexity.
 """
 
 from __future__ import annotations
@@ -128,7 +129,22 @@ def get_config(variant: str = "quick") -> ml_collections.ConfigDict:
                     "partition": "iid",
                     "steps": 10 if smoke else 300,
                 },
+                # The language-model variant, on request: --config.task_names=text (the
+                # standard library's own source, or --config.text_file=PATH), validation
+                # and test perplexity in results.md.
+                "text": {
+                    "dataset": "text",
+                    "model": "transformer_lm_tiny",
+                    "workers": 8,
+                    "partition": "iid",
+                    "steps": 4 if smoke else 200,
+                    "batch_size": 8,
+                    "text_context": 32,
+                    "text_bytes": 1 << 15 if smoke else 1 << 17,
+                    "l2": 0.0,
+                },
             },
+            task_names=("digits",),
             method_names=("dp", "palsgd") if smoke else METHODS,
             methods=methods,
             claims=_claims(),
