@@ -31,6 +31,8 @@ EPOCHS = 8  # epochs of every training run
 SEEDS = (0, 1)
 DIVERSITY_EXAMPLES = 256  # training examples the diversity is measured on
 DELTA = 0.5  # DiveBatch: batches up to DELTA x the gradient noise scale
+ARCHITECTURES = ("mlp_266x1", "mlp_70x4")  # wide and deep MLPs, about 20 k parameters each
+METHODS = ("sgd_small", "adabatch", "divebatch")
 REPO_DIR = ".."  # where the optlab checkout is, if it still has to be installed
 
 # %%
@@ -102,7 +104,7 @@ def diversity_along_training(model_name, seed=0, batch=16, lr=0.03):
     return np.array(values)
 
 
-curves = {name: diversity_along_training(name) for name in ("mlp_266x1", "mlp_70x4")}
+curves = {name: diversity_along_training(name) for name in ARCHITECTURES}
 fig, axes = plt.subplots(1, 2, figsize=(11, 4))
 for name, values in curves.items():
     axes[0].plot(values, marker="o", label=name)
@@ -138,7 +140,7 @@ from experiments.runners import divebatch as divebatch_experiment
 config = get_config("quick")
 config.tasks = {"digits": {**config.tasks.digits.to_dict(), "epochs": EPOCHS}}
 config.seeds = tuple(SEEDS)
-config.method_names = ("sgd_small", "adabatch", "divebatch")
+config.method_names = tuple(METHODS)
 for name in config.method_names:  # one learning rate: no tuning
     spec = {k: v for k, v in config.methods[name].to_dict().items() if k not in ("axes", "tune")}
     config.methods[name] = spec

@@ -17,7 +17,8 @@ SMOKE_PARAMETERS = {
     "quickstart": "STEPS = 20\nSEEDS = (0,)\nMETHODS = ('sgd', 'adam')",
     "lookahead": "STEPS = 30\nEVAL_EVERY = 3",
     "sam": "STEPS = 20\nSEEDS = (0,)\nSHARPNESS_EXAMPLES = 64\nPOWER_ITERS = 3\nTRACE_SAMPLES = 2",
-    "diagnostics": "EPOCHS = 1\nSEEDS = (0,)\nDIVERSITY_EXAMPLES = 32",
+    "diagnostics": "EPOCHS = 1\nSEEDS = (0,)\nDIVERSITY_EXAMPLES = 32\n"
+    "ARCHITECTURES = ('mlp_32x1',)\nMETHODS = ('divebatch',)",
 }
 ALL = sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb"))
 
