@@ -4,8 +4,9 @@ Command:  python -m experiments run width [--variant smoke|quick|full] [--config
 Runtime:  smoke: about 10 s (tests). quick: 260 s wall on a 2-core CPU shared with other jobs
           (load average ~20; 59 s of CPU time in the process), cold compilation cache:
           digits, a 1-hidden-layer MLP (266 units) against a 4-hidden-layer one (70 units),
-          about 20 k parameters each, batch sizes 8, 32, 128 and 512, 20 epochs, momentum SGD with a constant rate tuned over 3 values per
-          batch size (square-root scaling with the batch), 5 seeds: 120 runs.
+          about 20 k parameters each, batch sizes 8, 32, 128 and 512, 20 epochs, momentum
+          SGD with a constant rate tuned over 3 values per batch size (square-root scaling
+          with the batch), 5 seeds: 120 runs.
           full: MNIST-1D (a stand-in for the paper's MNIST, offline) with 1, 2, 4 and 8
           hidden layers at about 20 k parameters, batch sizes 8..2048, 100 epochs, 5 seeds;
           a GPU, or hours on a CPU.
