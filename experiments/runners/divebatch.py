@@ -108,10 +108,10 @@ class EpochTracker:
     """One group's measurements at every run's epoch ends, and its batch-size decisions.
 
     Used as the ``decide`` of an :class:`EpochBatchPlan`: for every run that ends an
-    epoch it records the epoch, the run's own step count, the examples it has consumed
-    (plus the diversity probes' per-example gradients), the group's training wall time
-    so far (without the time spent here) and the ``accuracy_on`` accuracy; then it sets
-    the run's next batch size by ``spec["rule"]``.
+    epoch it records the epoch, the run's own step count, the examples it has trained on
+    (whole batches; plus the diversity probes' per-example gradients), the group's
+    training wall time so far (without the time spent here) and the ``accuracy_on``
+    accuracy; then it sets the run's next batch size by ``spec["rule"]``.
     """
 
     def __init__(self, data: st.TaskData, spec: Mapping[str, Any], probe: Any, n_runs: int):
@@ -146,7 +146,7 @@ class EpochTracker:
             )
         self.log: list[list[dict[str, float]]] = [[] for _ in range(n_runs)]
         self.batch = [int(self.spec["batch_size"]) for _ in range(n_runs)]
-        self.extra_examples = [0 for _ in range(n_runs)]
+        self.examples = [0 for _ in range(n_runs)]  # gradient evaluations so far
         self.started = time.perf_counter()
         self.own_time = 0.0
 
@@ -173,6 +173,8 @@ class EpochTracker:
             accuracy = float(self.accuracy(params, model_state))
             done = epoch + 1
             new = self.batch[run]
+            # The epoch's steps times its batch (the remainder of the epoch is dropped).
+            self.examples[run] += (self.n // new) * new
             diversity = float("nan")
             if self.rule == "adabatch":
                 new = optlab.adabatch_batch_size(
@@ -189,13 +191,13 @@ class EpochTracker:
                 diversity = (
                     float(self.diversity(params, model_state)) * self.probe_examples / self.n
                 )
-                self.extra_examples[run] += self.probe_examples
+                self.examples[run] += self.probe_examples
                 new = int(self.controller.batch_size_for(diversity, self.batch[run]))
             self.log[run].append(
                 {
                     "epoch": done,
                     "step": int(steps[run]),
-                    "examples": done * self.n + self.extra_examples[run],
+                    "examples": self.examples[run],
                     "time": wall,
                     "accuracy": accuracy,
                     "batch_size": self.batch[run],
