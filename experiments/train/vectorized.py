@@ -575,8 +575,11 @@ def train_group(
                 wall = time.perf_counter() - t0
                 for r, writer in enumerate(metrics):
                     record: dict[str, Any] = {"step": step}
+                    # Adaptive plans: only the steps this run trained (not its frozen ones).
+                    rows = chunk["live"][:, r] if adaptive else slice(0, length)
                     for key, values in host_metrics.items():
-                        record[f"train_{key}"] = float(np.mean(values[:length, r]))
+                        if np.size(values[rows, r]):
+                            record[f"train_{key}"] = float(np.mean(values[rows, r]))
                     record.update({k: float(v[r]) for k, v in record_eval.items()})
                     record["wall_time_s"] = wall
                     writer.write(record)
