@@ -111,7 +111,7 @@ EXPERIMENTS: dict[str, Experiment] = {
             ),
             variants=("smoke", "quick", "full"),
             runtime=(
-                "quick: 613 s on a 2-core CPU under heavy contention (100 s CPU time); "
+                "quick: 517 s on a 2-core CPU under heavy contention (78 s CPU time); "
                 "full: about a day on one GPU"
             ),
         ),

@@ -1,8 +1,8 @@
 """Config of the `divebatch` experiment: fixed small/large batches, AdaBatch and DiveBatch.
 
 Command:  python -m experiments run divebatch [--variant smoke|quick|full] [--config.key=value ...]
-Runtime:  smoke: about 10 s (tests). quick: 613 s wall on a 2-core CPU shared with other jobs
-          (load average 15-24; 100 s of CPU time in the process), cold compilation cache:
+Runtime:  smoke: about 10 s (tests). quick: 517 s wall on a 2-core CPU shared with other jobs
+          (load average 15-20; 78 s of CPU time in the process), cold compilation cache:
           MLP on digits (30 epochs) and MNIST-1D (20 epochs), micro-batch
           16, batches up to 256, momentum SGD with a constant rate tuned over 3 values on the
           validation split (linear scaling with the batch), 5 seeds, 4 methods: 120 runs.
