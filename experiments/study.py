@@ -61,7 +61,7 @@ from experiments.data import DATASET_NAMES, Dataset, load_dataset
 from experiments.data.partition import partition_dirichlet, partition_iid, partition_k_classes
 from experiments.distributed import is_main_process
 from experiments.errors import ConfigError
-from experiments.models import LANGUAGE_MODELS, make_model, model_names
+from experiments.models import LANGUAGE_MODELS, is_model_name, make_model, model_names
 from experiments.train.losses import classification_loss, make_stacked_evaluator
 from experiments.train.metrics import MetricsWriter, read_metrics
 from experiments.train.plans import BatchPlan, EpochPlan, WorkerPlan
@@ -170,7 +170,9 @@ class Method:
 
     Attributes:
       name: the label in tables and the workdir.
-      spec: ``make_tx``'s description of the method (optimizer, rates, options).
+      spec: ``make_tx``'s description of the method (optimizer, rates, options). A
+        ``model`` entry trains this method with that model instead of the task's (an
+        architecture compared as a method, e.g. wide vs deep MLPs).
       axes: ``{field: values}`` grids over spec fields; every combination is run. Float
         grids train vectorized in one program (their values reach ``make_tx`` traced).
       tune: the axes chosen on the validation split (by mean validation accuracy); the
@@ -440,8 +442,11 @@ def _validate_study(study: Study) -> None:
         where = f"tasks.{t.name}"
         if t.dataset not in DATASET_NAMES:
             raise ValueError(f"{where}.dataset must be one of {DATASET_NAMES}, got {t.dataset!r}.")
-        if t.model not in model_names():
-            raise ValueError(f"{where}.model must be one of {model_names()}, got {t.model!r}.")
+        if not is_model_name(t.model):
+            raise ValueError(
+                f"{where}.model must be one of {model_names()} or mlp_<width>x<depth>, "
+                f"got {t.model!r}."
+            )
         if (t.dataset == "text") != (t.model in LANGUAGE_MODELS):
             allowed = (
                 f"one of {LANGUAGE_MODELS}"
@@ -502,6 +507,11 @@ def _validate_study(study: Study) -> None:
     if len(set(names)) != len(names):
         raise ValueError(f"method_names must not repeat, got {names}.")
     for m in study.methods:
+        if m.spec.get("model") is not None and not is_model_name(m.spec["model"]):
+            raise ValueError(
+                f"methods.{m.name}.model must be one of {model_names()} or "
+                f"mlp_<width>x<depth>, got {m.spec['model']!r}."
+            )
         for axis, values in m.axes.items():
             if not values:
                 raise ValueError(f"methods.{m.name}.axes.{axis} must hold at least one value.")
@@ -805,11 +815,10 @@ def run_study(
     return write_results(study, workdir, records, provenance, data)
 
 
-def _run_task(
-    study: Study, data: TaskData, workdir: Path, devices: int, bar: _Progress, timing: dict
-) -> list[Record]:
+def _model_parts(study: Study, data: TaskData, model_name: str) -> tuple:
+    """``(loss_fn, init_fn, evaluate, final_evaluate)`` of one model on one task's data."""
     task = data.task
-    model = make_model(task.model, num_classes=data.dataset.num_classes)
+    model = make_model(model_name, num_classes=data.dataset.num_classes)
     loss_fn = (study.make_loss or (lambda t, m: classification_loss(m)))(task, model)
     loss_fn = _l2_loss(loss_fn, task.l2)
     x_example = jnp.asarray(data.dataset.x_train[:1])
@@ -843,6 +852,20 @@ def _run_task(
     def final_evaluate(params, model_state):
         return {f"train_{k}": v for k, v in train_eval(params, model_state).items()}
 
+    return loss_fn, init_fn, evaluate, final_evaluate
+
+
+def _run_task(
+    study: Study, data: TaskData, workdir: Path, devices: int, bar: _Progress, timing: dict
+) -> list[Record]:
+    task = data.task
+    parts: dict[str, tuple] = {}  # per model name: one compile each, shared by its methods
+
+    def model_parts(name: str) -> tuple:
+        if name not in parts:
+            parts[name] = _model_parts(study, data, name)
+        return parts[name]
+
     chance = 1.0 / data.dataset.num_classes
     out: list[Record] = []
     for method in study.methods:
@@ -856,6 +879,9 @@ def _run_task(
                 continue
             hparams = {k: [float(p[k]) for _, p in runs] for k in traced[0]}
             spec = {**method.spec, **static}
+            loss_fn, init_fn, evaluate, final_evaluate = model_parts(
+                spec.get("model") or task.model
+            )
 
             def make_tx(hp, axis_name, spec=spec):
                 ctx = TxContext(

@@ -9,6 +9,15 @@ Every public optimizer is a pure ``optax.GradientTransformation`` (or
 from optlab import parallel, perturbation
 from optlab.average_direction_sam import AverageDirectionSAMState, average_direction_sam
 from optlab.diloco import DiLoCoState, diloco, diloco_outer_params
+from optlab.divebatch import (
+    LR_SCALINGS,
+    DiveBatch,
+    DiveBatchState,
+    adabatch_batch_size,
+    divebatch,
+    lr_scale,
+    scale_by_batch_size,
+)
 from optlab.dsgd import DSGDState, consensus_distance, dsgd, mixing_matrix
 from optlab.extrapolation import (
     ExtrapolationState,
@@ -17,6 +26,15 @@ from optlab.extrapolation import (
     extrapolation_eval_params,
 )
 from optlab.gradalign import GradAlignState, gradalign
+from optlab.gradient_diversity import (
+    GradientDiversityState,
+    gradient_diversity,
+    gradient_diversity_init,
+    gradient_diversity_result,
+    gradient_diversity_update,
+    gradient_diversity_update_from_loss,
+    per_example_grads,
+)
 from optlab.local_sgd import LocalSGDState, local_sgd
 from optlab.lookahead import LookaheadState, lookahead, multilayer_lookahead, slow_params
 from optlab.mean_gradients import mean_gradients
@@ -42,12 +60,16 @@ from optlab.wasserstein_regularization import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "LR_SCALINGS",
     "AverageDirectionSAMState",
     "DSGDState",
     "DiLoCoState",
+    "DiveBatch",
+    "DiveBatchState",
     "ExtrapolationState",
     "GradAlignState",
     "L2InitRegularizationState",
+    "GradientDiversityState",
     "LocalSGDState",
     "LookaheadState",
     "PALSGDState",
@@ -57,6 +79,7 @@ __all__ = [
     "SpectralRegularizationState",
     "WassersteinRegularizationState",
     "__version__",
+    "adabatch_batch_size",
     "asam_scale",
     "asam_weight_mask",
     "average_direction_sam",
@@ -64,17 +87,24 @@ __all__ = [
     "data_parallel_value_and_grad",
     "diloco",
     "diloco_outer_params",
+    "divebatch",
     "dsgd",
     "extrap_sgd",
     "extrapolation",
     "extrapolation_eval_params",
     "grad_at_point",
     "gradalign",
+    "gradient_diversity",
+    "gradient_diversity_init",
+    "gradient_diversity_result",
+    "gradient_diversity_update",
+    "gradient_diversity_update_from_loss",
     "hessian_top_eigenvalue",
     "hessian_trace",
     "l2_init_regularization",
     "local_sgd",
     "lookahead",
+    "lr_scale",
     "mean_gradients",
     "mixing_matrix",
     "multilayer_lookahead",
@@ -83,11 +113,13 @@ __all__ = [
     "palsgd_outer_params",
     "parallel",
     "path_geometry",
+    "per_example_grads",
     "perturbation",
     "pvary",
     "sa_sam",
     "safe_global_norm",
     "sam",
+    "scale_by_batch_size",
     "slow_params",
     "spectral_norms",
     "spectral_regularization",

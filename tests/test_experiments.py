@@ -454,3 +454,53 @@ def test_continual_bad_config_is_a_one_line_error(capsys, tmp_path, override, me
     argv = ["run", "continual", "--variant", "smoke", "--workdir", str(tmp_path / "w"), override]
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+# --- divebatch and width -----------------------------------------------------------------------
+
+
+def test_epoch_tracker_target_metrics_and_censoring():
+    """Epochs/steps/examples/time at the first epoch reaching the target; else one epoch past."""
+    from experiments.runners.divebatch import EpochTracker
+
+    tracker = object.__new__(EpochTracker)  # the bookkeeping alone, without data or models
+    tracker.target = 0.9
+    entry = lambda e, acc, b: {"epoch": e, "step": 10 * e, "examples": 100 * e, "time": 2.0 * e,
+                               "accuracy": acc, "batch_size": b}  # fmt: skip
+    tracker.log = [
+        [entry(1, 0.5, 16), entry(2, 0.95, 32), entry(3, 0.99, 64)],
+        [entry(1, 0.5, 16), entry(2, 0.6, 16)],  # never reaches 0.9: censored at epoch 3
+    ]
+    out = tracker.metrics()
+    np.testing.assert_array_equal(out["epochs_to_target"], [2, 3])
+    np.testing.assert_array_equal(out["steps_to_target"], [20, 30])
+    np.testing.assert_array_equal(out["examples_to_target"], [200, 300])
+    np.testing.assert_array_equal(out["time_to_target_s"], [4.0, 6.0])
+    np.testing.assert_array_equal(out["reached_target"], [1, 0])
+    np.testing.assert_array_equal(out["final_batch_size"], [64, 16])
+
+
+def test_width_tolerated_batch_and_mlp_shapes():
+    from experiments.models import make_model, param_count
+    from experiments.runners.width import tolerated_batch
+
+    tasks = [st.Task(f"b{b}", "digits", "mlp", b, epochs=5) for b in (8, 32, 128)]
+    epochs = {  # (method, lr) -> epochs to target per batch size, for seeds 0 and 1
+        ("wide", 0.1): {8: (2, 2), 32: (2, 3), 128: (3, 4)},
+        ("wide", 0.01): {8: (4, 4), 32: (2, 2), 128: (9, 9)},
+        ("deep", 0.1): {8: (2, 2), 32: (3, 3), 128: (6, 6)},
+    }
+    records = [
+        {"method": m, "task": f"b{b}", "point": {"learning_rate": lr}, "seed": s,
+         "epochs_to_target": e[s]}
+        for (m, lr), by in epochs.items() for b, e in by.items() for s in (0, 1)
+    ]  # fmt: skip
+    lines = tolerated_batch(records, tasks)
+    # wide: batch 8 fastest at lr 0.1 (2, 2); batch 32 at lr 0.01 (2, 2); 128 at lr 0.1 (3, 4).
+    assert lines[1].startswith("wide:")
+    assert "per seed [32, 32]" in lines[1]
+    assert lines[0].startswith("deep:")
+    assert "per seed [8, 8]" in lines[0]
+    model = make_model("mlp_70x4", num_classes=10)
+    params, _ = jax.eval_shape(lambda k: model.init(k, jnp.zeros((1, 64))), jax.random.key(0))
+    assert param_count(params) == 64 * 70 + 70 + 3 * (70 * 70 + 70) + 70 * 10 + 10

@@ -20,6 +20,8 @@ SMOKE_PARAMETERS = {
     "distributed": "STEPS = 12\nSYNC_PERIOD = 4",
     "pruning_and_continual": "NUM_TASKS = 2\nSTEPS_PER_TASK = 5\nSEEDS = (0,)\n"
     "METHODS = ('spectral',)",
+    "diagnostics": "EPOCHS = 1\nSEEDS = (0,)\nDIVERSITY_EXAMPLES = 32\n"
+    "ARCHITECTURES = ('mlp_32x1',)\nMETHODS = ('divebatch',)",
 }
 ALL = sorted(p.stem for p in NOTEBOOKS.glob("*.ipynb"))
 

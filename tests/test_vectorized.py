@@ -13,6 +13,7 @@ from experiments.train import init_train_state, make_train_step
 from experiments.train.losses import make_stacked_evaluator
 from experiments.train.plans import (
     ClientSamplingPlan,
+    EpochBatchPlan,
     EpochPlan,
     GrowingBatchPlan,
     TaskStreamPlan,
@@ -398,3 +399,53 @@ def test_grad_skip_is_bitwise_and_really_skips(tmp_path):
         assert depths[0]
         assert len(depths[0]) == len(depths[1])
         assert min(depths[1]) == min(depths[0]) + 1, devices
+
+
+def test_epoch_batch_plan_driven_by_the_state_trains_like_a_loop_without_recompiling():
+    """Batch sizes decided at epoch ends from the state; finished runs freeze; one compile."""
+    traces = []
+
+    def counting_loss(params, model_state, batch, rng):
+        traces.append(1)  # runs once per trace, never when the compiled step runs
+        return _loss(params, model_state, batch, rng)
+
+    seen_steps, compiles = [], []
+
+    def decide(ended, state, step):
+        compiles.append(len(traces))
+        steps_done = np.asarray(state.step)
+        seen_steps.extend(int(steps_done[r]) for r, _ in ended)
+        # Run 0 doubles its batch every epoch, run 1 only after its second epoch.
+        return [2 ** (e + 1) if r == 0 else (1 if e == 0 else 2) for r, e in ended]
+
+    plan = EpochBatchPlan(N, 8, 4, 3, decide=decide)
+    make_tx = lambda hp, a: optax.chain(optax.sgd(hp["lr"]), optlab.scale_by_batch_size(8))
+    x, y = _data()
+    result = train_group(
+        loss_fn=counting_loss, make_tx=make_tx, init_fn=_init, x=x, y=y, plan=plan,
+        seeds=[0, 1], hparams={"lr": [0.05, 0.05]}, steps=36, run_dir=None, log_every=5,
+    )  # fmt: skip
+    # Run 0: 12 steps of 8, 6 of 16, 3 of 32; run 1: 12 of 8, 12 of 8, 6 of 16.
+    assert [[(s, k) for _, s, k in h] for h in plan.history] == [
+        [(0, 1), (12, 2), (18, 4)],
+        [(0, 1), (12, 1), (24, 2)],
+    ]
+    assert sorted(seen_steps) == [12, 12, 18, 21, 24, 30]  # each run's own step count
+    assert len(set(compiles)) == 1  # no trace after the first chunk, whatever the sizes
+    grad = jax.jit(jax.grad(lambda p, ms, b: _loss(p, ms, b, None)[0]))
+    for r, seed in enumerate([0, 1]):
+        params, model_state = _init(jax.random.key(seed))
+        for epoch, _start, k in plan.history[r]:
+            order = np.random.default_rng([seed, epoch]).permutation(N)
+            for slot in range(N // (8 * k)):
+                chosen = order[slot * 8 * k : (slot + 1) * 8 * k].reshape(k, 8)
+                gs = [grad(params, model_state, {"x": x[i], "y": y[i]}) for i in chosen]
+                lr = 0.05 * k  # linear scaling against the base batch of 8
+                params = jax.tree.map(lambda p, *g, lr=lr: p - lr * sum(g) / len(g), params, *gs)
+        jax.tree.map(
+            lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6),
+            _run(result, r),
+            params,
+        )
+    with pytest.raises(ValueError, match="checkpoint_every"):
+        _group([0], [0.1], plan=EpochBatchPlan(N, 8, 2, 1), checkpoint_every=4)

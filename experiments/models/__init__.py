@@ -18,6 +18,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import re
 from collections.abc import Callable, Mapping
 from typing import Any, cast
 
@@ -42,6 +43,7 @@ __all__ = [
     "ResNet20",
     "SmallCNN",
     "TransformerLM",
+    "is_model_name",
     "make_model",
     "model_names",
     "param_count",
@@ -143,11 +145,18 @@ _REGISTRY: Mapping[str, Callable[..., nn.Module]] = {
 
 LANGUAGE_MODELS: tuple[str, ...] = ("transformer_lm", "transformer_lm_tiny")
 """The registered models that map tokens ``(N, T)`` to logits ``(N, T, classes)``."""
+# "mlp_<width>x<depth>": an MLP of ``depth`` hidden layers of ``width`` units (width sweeps).
+_MLP_SHAPE = re.compile(r"mlp_([1-9][0-9]*)x([1-9][0-9]*)$")
 
 
 def model_names() -> tuple[str, ...]:
-    """The names :func:`make_model` accepts."""
+    """The registered names :func:`make_model` accepts (plus ``mlp_<width>x<depth>``)."""
     return tuple(_REGISTRY)
+
+
+def is_model_name(name: str) -> bool:
+    """Whether :func:`make_model` knows ``name``: registered, or ``mlp_<width>x<depth>``."""
+    return name in _REGISTRY or bool(_MLP_SHAPE.match(str(name)))
 
 
 def make_model(name: str, num_classes: int, **kwargs: Any) -> Model:
@@ -158,7 +167,8 @@ def make_model(name: str, num_classes: int, **kwargs: Any) -> Model:
         CIFAR ResNets ``"resnet32"``, ``"resnet44"``, ``"resnet56"``, ``"resnet110"``, and
         the decoder-only :class:`TransformerLM` ``"transformer_lm"`` (d_model 64, 4 heads,
         2 layers) and ``"transformer_lm_tiny"`` (d_model 16, 2 heads, 1 layer), whose inputs
-        are tokens ``(N, T)`` and logits ``(N, T, num_classes)``).
+        are tokens ``(N, T)`` and logits ``(N, T, num_classes)``), or ``"mlp_<width>x<depth>"``
+        for an MLP of ``depth`` hidden layers of ``width`` units.
       num_classes: number of output logits (the vocabulary size for the language models).
       **kwargs: module attributes (e.g. ``hidden=(64,)`` for the MLP, ``width=32`` for a
         ResNet, ``dtype=jnp.bfloat16``).
@@ -169,6 +179,12 @@ def make_model(name: str, num_classes: int, **kwargs: Any) -> Model:
     Raises:
       ValueError: if ``name`` is unknown (the message lists the known names).
     """
+    shape = _MLP_SHAPE.match(str(name))
+    if shape:
+        width, depth = int(shape.group(1)), int(shape.group(2))
+        return Model(
+            module=MLP(num_classes=num_classes, hidden=(width,) * depth, **kwargs), name=name
+        )
     try:
         factory = _REGISTRY[name]
     except KeyError:

@@ -24,15 +24,26 @@ step axis:
 
 Plans here: :class:`EpochPlan` (the usual shuffled epochs), :class:`WorkerPlan` (one
 stream per worker over its partition), :class:`GrowingBatchPlan` (a batch-size schedule
-over micro-batches), :class:`TaskStreamPlan` (continual learning: a stream of tasks, each
-a block of the training arrays) and :class:`ClientSamplingPlan` (a fraction of the
-clients per round).
+over micro-batches), :class:`EpochBatchPlan` (a batch size chosen at every epoch boundary,
+from a schedule or from a measurement of the run's state: AdaBatch, DiveBatch),
+:class:`TaskStreamPlan` (continual learning: a stream of tasks, each a block of the
+training arrays) and :class:`ClientSamplingPlan` (a fraction of the clients per round).
+
+**Adaptive plans** (those with an ``observe`` method, such as :class:`EpochBatchPlan`)
+are driven by the trainer between chunks, all on the host and without recompiling:
+``start(seeds)`` once per group; ``next_decision(step)``, the next step at which some run
+ends an epoch (the trainer's chunk stops there); ``run_indices(run, steps)`` instead of
+``indices`` (per run, with a per-run ``"live"`` mask: a run that has finished its epochs
+is frozen while the others go on); ``observe(step, state)`` after every chunk, with the
+stacked state, where the plan measures and decides; ``finished(step)`` when every run is
+done. Their decisions depend on the trained state, so they are not a pure function of the
+step: such a group restarts from step 0 instead of resuming a checkpoint.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -41,6 +52,7 @@ from optlab.validation import check_int_in_range
 __all__ = [
     "BatchPlan",
     "ClientSamplingPlan",
+    "EpochBatchPlan",
     "EpochPlan",
     "GrowingBatchPlan",
     "TaskStreamPlan",
@@ -213,6 +225,165 @@ class GrowingBatchPlan:
             for j in range(counts[i]):
                 idx[i, j] = stream.batch(self.max_micro * step + j)
         return {"idx": idx, "n_micro": counts}
+
+
+class EpochBatchPlan:
+    """Shuffled epochs whose batch size, in whole micro-batches, is set at each epoch's start.
+
+    Run ``r`` trains ``epochs`` epochs; epoch ``e`` has a batch of ``k_e * micro_batch``
+    examples (``1 <= k_e <= max_micro``) and ``num_examples // (k_e * micro_batch)`` steps
+    over the permutation ``default_rng([seed, e])`` (the remainder is dropped; with
+    ``k_e = 1`` this is exactly :class:`EpochPlan`'s order). ``k_0`` is
+    ``initial_micro``; each later ``k_e`` comes from ``decide`` when epoch ``e - 1`` ends,
+    or from ``schedule(e)`` when there is no ``decide``. The step averages the ``k_e``
+    micro-batch gradients and hands the batch size to the optimizer as the extra argument
+    ``batch_size`` (for :func:`optlab.scale_by_batch_size`). A run that has finished its
+    epochs is frozen (its state no longer changes) while the others go on, so runs whose
+    batches grow at different times keep the same epoch budget.
+
+    Args:
+      num_examples: training-set size.
+      micro_batch: examples per micro-batch (the compiled shape).
+      max_micro: the most micro-batches per step; ``max_micro * micro_batch`` must not
+        exceed ``num_examples``.
+      epochs: epochs per run (>= 1).
+      initial_micro: ``k_0``.
+      schedule: ``epoch -> k_e`` (a fixed schedule such as AdaBatch's), used when
+        ``decide`` is None; default: ``initial_micro`` throughout.
+      decide: ``decide(ended, state, step) -> [k]``: called by the trainer (through
+        :meth:`observe`) when runs end an epoch at ``step``; ``ended`` lists
+        ``(run, epoch)`` pairs (``epoch`` the 0-based epoch that just ended, the last one
+        included), ``state`` is the group's stacked :class:`~experiments.train.step.TrainState`
+        (runs on the leading axis). It returns each run's ``k`` for its next epoch
+        (ignored after the last). DiveBatch measures the gradient diversity here.
+
+    Attributes:
+      history: per run, ``[(epoch, start_step, micro_batches)]`` of every epoch begun.
+    """
+
+    workers = 0
+
+    def __init__(
+        self,
+        num_examples: int,
+        micro_batch: int,
+        max_micro: int,
+        epochs: int,
+        *,
+        initial_micro: int = 1,
+        schedule: Callable[[int], int] | None = None,
+        decide: Callable[[list[tuple[int, int]], Any, int], Sequence[int]] | None = None,
+    ):
+        self.num_examples = check_int_in_range("num_examples", num_examples, min_value=1)
+        self.micro_batch = check_int_in_range(
+            "micro_batch", micro_batch, min_value=1, max_value=num_examples
+        )
+        self.max_micro = check_int_in_range(
+            "max_micro",
+            max_micro,
+            min_value=1,
+            max_value=num_examples // self.micro_batch,
+            note=" (num_examples // micro_batch)",
+        )
+        self.epochs = check_int_in_range("epochs", epochs, min_value=1)
+        self.initial_micro = self._check_micro(initial_micro, "initial_micro")
+        self.schedule = schedule
+        self.decide = decide
+        self.start([0])
+
+    def _check_micro(self, value: Any, name: str) -> int:
+        return check_int_in_range(
+            name, int(value), min_value=1, max_value=self.max_micro, note=" (max_micro)"
+        )
+
+    def start(self, seeds: Sequence[int]) -> None:
+        """Resets the plan for a group whose run ``r`` has seed ``seeds[r]``."""
+        self.seeds = [int(s) for s in seeds]
+        self._counts: list[list[int]] = [[self.initial_micro] for _ in self.seeds]
+        self._starts: list[list[int]] = [[0] for _ in self.seeds]
+        self._finished = [False for _ in self.seeds]
+        self._orders: dict[tuple[int, int], np.ndarray] = {}
+
+    @property
+    def history(self) -> list[list[tuple[int, int, int]]]:
+        return [
+            [(e, s, k) for e, (s, k) in enumerate(zip(starts, counts, strict=True))]
+            for starts, counts in zip(self._starts, self._counts, strict=True)
+        ]
+
+    def _steps_in(self, k: int) -> int:
+        return self.num_examples // (k * self.micro_batch)
+
+    def _epoch_end(self, run: int) -> int:
+        """The step at which the run's latest decided epoch ends."""
+        return self._starts[run][-1] + self._steps_in(self._counts[run][-1])
+
+    def next_decision(self, step: int) -> int | None:
+        """The first step after ``step`` at which a run still training ends an epoch."""
+        ends = [self._epoch_end(r) for r, done in enumerate(self._finished) if not done]
+        return min(ends) if ends else None
+
+    def finished(self, step: int) -> bool:
+        """Whether every run has ended its last epoch (by ``step``)."""
+        del step
+        return all(self._finished)
+
+    def observe(self, step: int, state: Any) -> None:
+        """Ends the epochs that end at ``step`` and sets the next batch sizes."""
+        ended = [
+            (r, len(self._counts[r]) - 1)
+            for r, done in enumerate(self._finished)
+            if not done and self._epoch_end(r) == step
+        ]
+        if not ended:
+            return
+        if self.decide is not None:
+            counts = list(self.decide(ended, state, step))
+            if len(counts) != len(ended):
+                raise ValueError(f"decide returned {len(counts)} sizes for {len(ended)} runs.")
+        else:
+            counts = [
+                self.schedule(epoch + 1) if self.schedule else self.initial_micro
+                for _, epoch in ended
+            ]
+        for (run, epoch), k in zip(ended, counts, strict=True):
+            if epoch + 1 < self.epochs:
+                self._counts[run].append(self._check_micro(k, "decide/schedule micro-batches"))
+                self._starts[run].append(step)
+            else:
+                self._finished[run] = True
+
+    def _order(self, seed: int, epoch: int) -> np.ndarray:
+        key = (seed, epoch)
+        if key not in self._orders:
+            if len(self._orders) > 4 * len(self.seeds):
+                self._orders.clear()
+            self._orders[key] = np.random.default_rng([seed, epoch]).permutation(self.num_examples)
+        return self._orders[key]
+
+    def run_indices(self, run: int, steps: Sequence[int]) -> dict[str, np.ndarray]:
+        """``idx``, ``n_micro`` and ``live`` (bool ``[S]``) of run ``run`` at ``steps``."""
+        idx = np.zeros((len(steps), self.max_micro, self.micro_batch), np.int32)
+        counts = np.ones(len(steps), np.int32)
+        live = np.zeros(len(steps), bool)
+        starts, decided = self._starts[run], self._counts[run]
+        for i, step in enumerate(steps):
+            epoch = int(np.searchsorted(starts, step, side="right")) - 1
+            k = decided[epoch]
+            slot = step - starts[epoch]
+            if slot >= self._steps_in(k):  # finished, or not decided yet (chunk padding)
+                continue
+            batch = k * self.micro_batch
+            chosen = self._order(self.seeds[run], epoch)[slot * batch : (slot + 1) * batch]
+            idx[i, :k] = chosen.reshape(k, self.micro_batch)
+            counts[i], live[i] = k, True
+        return {"idx": idx, "n_micro": counts, "live": live}
+
+    def indices(self, seed: int, steps: Sequence[int]) -> dict[str, np.ndarray]:
+        """The :class:`BatchPlan` view of a one-run group with seed ``seed``."""
+        if self.seeds != [seed]:
+            self.start([seed])
+        return self.run_indices(0, steps)
 
 
 class TaskStreamPlan:

@@ -120,6 +120,7 @@ def make_run_step(
     max_micro: int = 1,
     sampled: bool = False,
     grad_skip: Callable[[PyTree], jax.Array] | None = None,
+    micro_batch: int = 0,
 ) -> Callable[..., tuple[TrainState, dict[str, jax.Array]]]:
     """The step of ONE run: ``(state, x, y, idx, n_micro, active, hparams) -> (state, metrics)``.
 
@@ -127,7 +128,9 @@ def make_run_step(
     from the device-resident ``x``/``y``. With ``data_axis`` the gradient (and loss and
     metrics) are averaged over it (replicated data parallelism); with ``worker_axis`` only
     the logged loss and metrics are averaged, the optimizer receives this worker's own
-    gradient. ``active`` is forwarded to the optimizer when ``sampled``.
+    gradient. ``active`` is forwarded to the optimizer when ``sampled``; with
+    ``micro_batch > 0`` the step's batch size ``n_micro * micro_batch`` is forwarded as the
+    extra argument ``batch_size`` (adaptive batch plans).
 
     With ``grad_skip`` (``grad_skip(opt_state) -> bool``, e.g.
     :func:`optlab.palsgd_is_pseudo_sync`) the step takes one more argument, ``skip``: a
@@ -205,6 +208,8 @@ def make_run_step(
                 "grad_evals_run": jnp.where(skip, 0.0, 1.0).astype(jnp.float32),
             }
         extra = {"active": active} if sampled else {}
+        if micro_batch:
+            extra["batch_size"] = n_micro * micro_batch
         updates, opt_state = tx.update(
             grads,
             state.opt_state,
@@ -250,8 +255,13 @@ def _layout(
     devices: int,
     sampled: bool,
     grad_skip: Callable[[PyTree], jax.Array] | None = None,
+    adaptive: bool = False,
 ) -> _Layout:
-    """Builds the jitted chunk function for one device, data parallel or worker sharded."""
+    """Builds the jitted chunk function for one device, data parallel or worker sharded.
+
+    ``adaptive`` (a plan with ``observe``): ``live`` is per step and run, ``[S, R]``; a run
+    not live at a step keeps its state, and the optimizer receives ``batch_size``.
+    """
     workers = plan.workers
     mesh = None
     if devices > 1:
@@ -280,6 +290,7 @@ def _layout(
         max_micro=plan.max_micro,
         sampled=sampled,
         grad_skip=grad_skip,
+        micro_batch=plan.micro_batch if adaptive else 0,
     )
 
     def per_run(state, x, y, idx, n_micro, active, hparams, skip):
@@ -324,7 +335,14 @@ def _layout(
                 zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), metrics_shape)
                 return carry, zeros
 
-            return jax.lax.cond(on, lambda c: mapped(c, x, y, i, n, a, hparams), skip, carry)
+            def run(carry):
+                new, metrics = mapped(carry, x, y, i, n, a, hparams)
+                if adaptive:  # per-run liveness: a finished run keeps its state
+                    keep = lambda n, o: jnp.where(on.reshape(on.shape + (1,) * (n.ndim - 1)), n, o)
+                    new = jax.tree.map(keep, new, carry)
+                return new, metrics
+
+            return jax.lax.cond(on.any() if adaptive else on, run, skip, carry)
 
         return jax.lax.scan(scan_step, state, (idx, n_micro, active, live))
 
@@ -476,7 +494,11 @@ def train_group(
         this run's ``hparams`` as traced scalars (so one compile serves every grid point).
       init_fn: ``init_fn(key) -> (params, model_state)``.
       x, y: the training arrays, put on the device once; the plan indexes into them.
-      plan: the :class:`~experiments.train.plans.BatchPlan`.
+      plan: the :class:`~experiments.train.plans.BatchPlan`. An adaptive plan (one with
+        ``observe``, e.g. :class:`~experiments.train.plans.EpochBatchPlan`) is driven
+        between chunks (see :mod:`experiments.train.plans`): chunks also stop where a run
+        ends an epoch, finished runs are frozen, the optimizer receives ``batch_size``,
+        and the group restarts rather than resumes (``checkpoint_every`` must be 0).
       seeds: one per run; seeds the model init and the step RNG, and the plan's order.
       hparams: ``{name: [value per run]}`` float hyperparameters (may be empty).
       steps: steps per run.
@@ -524,7 +546,13 @@ def train_group(
     if worker_eval not in ("mean", "per_worker"):
         raise ValueError(f"worker_eval must be 'mean' or 'per_worker', got {worker_eval!r}.")
     sampled = hasattr(plan, "active")
-    layout = _layout(loss_fn, make_tx, plan, devices, sampled, grad_skip)
+    adaptive = callable(getattr(plan, "observe", None))
+    if adaptive and checkpoint_every:
+        raise ValueError(
+            "checkpoint_every must be 0 with an adaptive plan (its decisions depend on the "
+            f"trained state and are not checkpointed), got {checkpoint_every}."
+        )
+    layout = _layout(loss_fn, make_tx, plan, devices, sampled, grad_skip, adaptive)
     hp = {k: jnp.asarray(v, jnp.float32) for k, v in hparams.items()}
     state = layout.put_state(
         init_group_state(
@@ -550,7 +578,9 @@ def train_group(
 
     checkpointer = Checkpointer(os.path.join(run_dir, "checkpoints")) if run_dir else None
     try:
-        start = checkpointer.latest_step() if checkpointer else None
+        start = checkpointer.latest_step() if checkpointer and not adaptive else None
+        if adaptive:
+            plan.start(seeds)  # type: ignore[attr-defined]
         if start is not None:
             state = checkpointer.restore(like=state, step=start)  # type: ignore[union-attr]
         start = start or 0
@@ -562,9 +592,20 @@ def train_group(
         step = start
         while step < steps:
             length = min(log_every, steps - step)
+            if adaptive:
+                # Chunks stay on the log_every grid (evaluation and checkpoint steps) and
+                # also stop where a run ends an epoch, so the plan decides exactly there.
+                length = min(log_every - step % log_every, steps - step)
+                decision = plan.next_decision(step)  # type: ignore[attr-defined]
+                if decision is not None and decision > step:
+                    length = min(length, decision - step)
             # Fixed-length chunks: the padding repeats the last step, marked not live.
             window = [min(t, steps - 1) for t in range(step, step + log_every)]
-            per_run = [plan.indices(seed, window) for seed in seeds]
+            if adaptive:
+                per_run = [plan.run_indices(r, window) for r in range(num_runs)]  # type: ignore[attr-defined]
+            else:
+                per_run = [plan.indices(seed, window) for seed in seeds]
+            live = np.arange(log_every) < length
             chunk = {
                 "idx": np.stack([p["idx"] for p in per_run], axis=1),
                 "n_micro": np.stack([p["n_micro"] for p in per_run], axis=1),
@@ -573,7 +614,11 @@ def train_group(
                     if sampled
                     else np.zeros((log_every, num_runs, 0), bool)
                 ),
-                "live": np.arange(log_every) < length,
+                "live": (
+                    live[:, None] & np.stack([p["live"] for p in per_run], axis=1)
+                    if adaptive
+                    else live
+                ),
             }
             chunk_dev = layout.put_plan(chunk)
             tick = time.perf_counter()
@@ -590,6 +635,11 @@ def train_group(
             host_metrics = jax.device_get(chunk_metrics)  # waits for the chunk
             train_time += time.perf_counter() - tick
             step += length
+            if adaptive:
+                plan.observe(step, state)  # type: ignore[attr-defined]
+                if plan.finished(step) and step < steps:  # type: ignore[attr-defined]
+                    length += steps - step  # every run is done: the rest would be skipped
+                    step = steps
             if on_progress is not None:
                 on_progress(length)
             is_eval = bool(eval_every) and step % eval_every == 0 and step != steps
@@ -599,15 +649,19 @@ def train_group(
                 ran = host_metrics.get("grad_evals_run")
                 for r, writer in enumerate(metrics):
                     record: dict[str, Any] = {"step": step}
-                    # With grad_skip, the loss and metrics average over the steps that
-                    # computed a gradient (a skipped step has none; a window of skipped
-                    # steps only logs the counters).
-                    weights = None if ran is None else ran[:length, r]
+                    # Adaptive plans: only the steps this run trained (not its frozen
+                    # ones). With grad_skip, the loss and metrics average over the steps
+                    # that computed a gradient (a skipped step has none; a window of
+                    # skipped steps only logs the counters).
+                    rows = chunk["live"][:, r] if adaptive else slice(0, length)
+                    weights = None if ran is None else ran[rows, r]
                     for key, values in host_metrics.items():
+                        if not np.size(values[rows, r]):
+                            continue
                         if key.startswith("grad_evals") or weights is None:
-                            record[f"train_{key}"] = float(np.mean(values[:length, r]))
+                            record[f"train_{key}"] = float(np.mean(values[rows, r]))
                         elif weights.sum() > 0:
-                            value = np.average(values[:length, r], weights=weights)
+                            value = np.average(values[rows, r], weights=weights)
                             record[f"train_{key}"] = float(value)
                     record["train_time_s"] = train_time
                     record.update({k: float(v[r]) for k, v in record_eval.items()})
