@@ -816,7 +816,8 @@ def run_study(
 
 
 def _model_parts(study: Study, data: TaskData, model_name: str) -> tuple:
-    """``(loss_fn, init_fn, evaluate, final_evaluate)`` of one model on one task's data."""
+    """``(loss_fn, init_fn, evaluate, final_evaluate, evaluate_workers)`` of one model on one
+    task's data (``evaluate_workers`` is None without worker probes)."""
     task = data.task
     model = make_model(model_name, num_classes=data.dataset.num_classes)
     loss_fn = (study.make_loss or (lambda t, m: classification_loss(m)))(task, model)
@@ -852,7 +853,7 @@ def _model_parts(study: Study, data: TaskData, model_name: str) -> tuple:
     def final_evaluate(params, model_state):
         return {f"train_{k}": v for k, v in train_eval(params, model_state).items()}
 
-    return loss_fn, init_fn, evaluate, final_evaluate
+    return loss_fn, init_fn, evaluate, final_evaluate, evaluate_workers if probes else None
 
 
 def _run_task(
@@ -879,7 +880,7 @@ def _run_task(
                 continue
             hparams = {k: [float(p[k]) for _, p in runs] for k in traced[0]}
             spec = {**method.spec, **static}
-            loss_fn, init_fn, evaluate, final_evaluate = model_parts(
+            loss_fn, init_fn, evaluate, final_evaluate, evaluate_workers = model_parts(
                 spec.get("model") or task.model
             )
 
@@ -928,7 +929,7 @@ def _run_task(
                 final_evaluate=final_evaluate,
                 eval_params=eval_params,
                 worker_eval=study.worker_eval,
-                evaluate_workers=evaluate_workers if probes else None,
+                evaluate_workers=evaluate_workers,
                 log_every=task.log_every,
                 eval_every=task.eval_every,
                 checkpoint_every=task.checkpoint_every,
