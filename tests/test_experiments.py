@@ -77,8 +77,10 @@ def test_every_quick_method_builds_and_steps():
         config = EXPERIMENTS[name].config_module().get_config("quick")
         runner = EXPERIMENTS[name].runner_module()
         study = runner.build_study(config)
-        # Worker-mode studies build their transforms on the worker axis: two workers.
-        axis = "workers" if study.tasks[0].workers else None
+        # Worker-mode studies build their transforms on the worker axis, with the task's
+        # number of workers (a ring of gossip needs at least 3).
+        workers = study.tasks[0].workers
+        axis = "workers" if workers else None
         for method in study.methods:
             # Worker mode compiles each point: its first one (the rest differ in floats only
             # and are built by build_study's validation).
@@ -93,8 +95,11 @@ def test_every_quick_method_builds_and_steps():
                 if axis is None:
                     updates = one(params, grads)
                 else:  # jitted: eager op-by-op under vmap is slow
-                    pair = jax.tree.map(lambda a: jnp.stack([a, 2 * a]), (params, grads))
-                    updates = jax.jit(jax.vmap(one, axis_name=axis))(*pair)
+                    scale = jnp.arange(1.0, workers + 1)
+                    stacked = jax.tree.map(
+                        lambda a: scale.reshape((-1,) + (1,) * a.ndim) * a, (params, grads)
+                    )
+                    updates = jax.jit(jax.vmap(one, axis_name=axis))(*stacked)
                 assert all(np.isfinite(np.asarray(u)).all() for u in jax.tree.leaves(updates)), (
                     name,
                     method.name,
