@@ -35,7 +35,7 @@ class PairedResult(NamedTuple):
     Attributes:
       outcome: ``"held"``, ``"inconclusive"`` or ``"did not hold"``.
       mean_diff: mean of ``method - baseline`` over the paired seeds (raw sign).
-      low, high: the 95 % t-interval of that mean (equal to ``mean_diff`` for n = 1).
+      low, high: the 95 % t-interval of that mean (-inf, inf for n = 1: no verdict).
       n: paired seeds used; ``dropped``: seeds left out for a missing value.
     """
 
@@ -62,14 +62,17 @@ def paired(
       confidence: the two-sided level of the interval.
 
     Returns:
-      A :class:`PairedResult`. With fewer than two paired seeds, or when every difference
-      is the same (no spread), the interval degenerates: then any nonzero difference
-      decides and a zero difference is inconclusive.
+      A :class:`PairedResult`. One paired seed gives no interval (its bounds are
+      infinite): inconclusive, whatever the difference. When every difference of two or
+      more seeds is the same (no spread, e.g. deterministic runs), the interval is that
+      one value: a nonzero difference decides and a zero difference is inconclusive.
 
     Example:
       >>> paired([0.9, 0.8, 0.85], [0.7, 0.6, 0.66]).outcome
       'held'
       >>> paired([0.9, 0.6, 0.8], [0.8, 0.7, 0.8]).outcome
+      'inconclusive'
+      >>> paired([0.9], [0.1]).outcome  # one seed decides nothing
       'inconclusive'
     """
     from scipy import stats
@@ -89,8 +92,8 @@ def paired(
     if n > 1:
         se = float(d.std(ddof=1)) / math.sqrt(n)
         half = float(stats.t.ppf(0.5 + confidence / 2, n - 1)) * se
-    else:
-        half = 0.0
+    else:  # one seed: no estimate of the spread, so no verdict
+        half = math.inf
     low, high = mean - half, mean + half
     sign = 1.0 if higher_is_better else -1.0
     lo, hi = sorted((sign * low, sign * high))

@@ -45,6 +45,9 @@ def test_missing_values_are_dropped_and_counted():
     result = stats.paired([1.0, math.nan, 3.0, 4.0], [0.0, 1.0, 2.0, 2.5])
     assert (result.n, result.dropped) == (3, 1)
     assert stats.paired([math.nan], [1.0]).outcome == stats.INCONCLUSIVE
+    one = stats.paired([0.9], [0.1])  # a single seed: no interval, no verdict
+    assert one.outcome == stats.INCONCLUSIVE
+    assert (one.low, one.high) == (-math.inf, math.inf)
 
 
 def test_a_uniformly_worse_method_is_not_less_sensitive():
