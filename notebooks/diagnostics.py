@@ -14,7 +14,7 @@
 # ---
 
 # %% [markdown]
-# # Diagnostics: gradient diversity and DiveBatch
+# # Diagnostics: gradient diversity, DiveBatch and path geometry
 #
 # Gradient diversity (Yin et al., AISTATS 2018) is `Σ‖g_i‖² / ‖Σ g_i‖²` over per-example
 # gradients: `1/n` when every example pulls the same way, large when they disagree.
@@ -191,8 +191,72 @@ display(Image(str(workdir / "batches.png")))
 
 # %% [markdown]
 # ## Path geometry (RSI / EB)
-# To be filled in once `optlab.path_geometry` is merged: the restricted secant inequality
-# and error bound measured along the training path.
+# "No wrong turns" (Guille-Escuret et al., ICML 2024): along a training path, the
+# restricted secant inequality `RSI = <g, w - w*> / ||w - w*||²` and the error bound
+# `EB = ||g|| / ||w - w*||` against the path's own end point `w*`. Their ratio is the
+# cosine between the gradient and the direction to `w*`, and `RSI / EB²` is the step size
+# that would shrink the distance to `w*` the most (the locally optimal learning rate).
+# `w*` is only known after training, so the run is trained once, then replayed bitwise
+# (same data order, same jitted step) while `optlab.path_geometry` measures every step.
+# (`python -m experiments run geometry` does this for whole studies, with
+# `experiments/train/replay.py`.)
+
+
+# %%
+def sgd_path(model_name, seed=0, batch=16, lr=0.03, reference=None):
+    """Momentum SGD for EPOCHS epochs; with ``reference``, the geometry of every step's
+    mini-batch gradient against it. Returns (final params, geometry per step or None)."""
+    model = make_model(model_name, num_classes=10)
+    params, model_state = model.init(jax.random.key(seed), probe["x"][:1])
+    tx = optax.sgd(lr, momentum=0.9)
+    opt_state = tx.init(params)
+
+    def loss(p, x, y):
+        logits, _ = model.apply(p, model_state, x, train=False)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    @jax.jit
+    def step(p, s, x, y, ref):
+        grads = jax.grad(loss)(p, x, y)
+        geometry = optlab.path_geometry(grads, p, ref)
+        updates, s = tx.update(grads, s)
+        return optax.apply_updates(p, updates), s, geometry
+
+    rng = np.random.default_rng(seed)
+    ref = params if reference is None else reference  # the first pass measures nothing
+    rows = []
+    for _ in range(EPOCHS):
+        order = rng.permutation(len(data.x_train))
+        for s in range(len(order) // batch):
+            i = order[s * batch : (s + 1) * batch]
+            params, opt_state, g = step(params, opt_state, data.x_train[i], data.y_train[i], ref)
+            rows.append(g)
+    geometry = None if reference is None else jax.tree.map(lambda *v: np.stack(v), *rows)
+    return params, geometry
+
+
+final, _ = sgd_path(ARCHITECTURES[0])
+replayed, geometry = sgd_path(ARCHITECTURES[0], reference=final)
+same = all(jax.tree.leaves(jax.tree.map(lambda a, b: bool((a == b).all()), final, replayed)))
+print("the replay reproduces the first run bitwise:", same)
+print(f"steps with a positive cosine: {100 * np.mean(geometry.cosine > 0):.1f} %")
+
+fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+for ax, (label, values) in zip(
+    axes,
+    [
+        ("cos(g, w - w*)", geometry.cosine),
+        ("RSI / EB² (optimal lr)", geometry.optimal_lr),
+        ("||w - w*||", geometry.distance),
+    ],
+    strict=True,
+):
+    ax.plot(values, lw=0.8)
+    ax.set_xlabel("step")
+    ax.set_ylabel(label)
+axes[1].set_yscale("log")
+fig.tight_layout()
+plt.show()
 
 # %% [markdown]
 # The full experiments (`python -m experiments run divebatch`, `python -m experiments run
