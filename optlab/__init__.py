@@ -16,6 +16,9 @@ from optlab.extrapolation import (
     extrapolation,
     extrapolation_eval_params,
 )
+from optlab.fedavg import FedAvgState, fedavg, federated_server_params
+from optlab.fedaware import FedAWAREState, fedaware, min_norm_weights
+from optlab.fedga import FedGAState, fedga
 from optlab.gradalign import GradAlignState, gradalign
 from optlab.local_sgd import LocalSGDState, local_sgd
 from optlab.lookahead import LookaheadState, lookahead, multilayer_lookahead, slow_params
@@ -34,6 +37,9 @@ __all__ = [
     "DSGDState",
     "DiLoCoState",
     "ExtrapolationState",
+    "FedAWAREState",
+    "FedAvgState",
+    "FedGAState",
     "GradAlignState",
     "LocalSGDState",
     "LookaheadState",
@@ -52,6 +58,10 @@ __all__ = [
     "extrap_sgd",
     "extrapolation",
     "extrapolation_eval_params",
+    "fedavg",
+    "fedaware",
+    "federated_server_params",
+    "fedga",
     "grad_at_point",
     "gradalign",
     "hessian_top_eigenvalue",
@@ -59,6 +69,7 @@ __all__ = [
     "local_sgd",
     "lookahead",
     "mean_gradients",
+    "min_norm_weights",
     "mixing_matrix",
     "multilayer_lookahead",
     "palsgd",
