@@ -148,7 +148,10 @@ def fedga(
         )
         mean, _ = masked_mean(grads, part, core.axis_name)
         shift = jax.tree.map(
-            lambda g, m, p: (part * beta * (g - m)).astype(p.dtype), grads, mean, params
+            lambda g, m, p: (part.astype(g.dtype) * beta * (g - m)).astype(p.dtype),
+            grads,
+            mean,
+            params,
         )
         point = jax.tree.map(lambda p, s: p + s, params, shift)
         return shift, grad_fn(point)
