@@ -90,7 +90,9 @@ def fedavg(
     alone); a round without participants leaves the server model and state unchanged.
 
     The sync is a ``lax.cond`` on the replicated step count: an off-sync update runs no
-    collective; the sync runs one all-reduce of the weighted pseudo-gradients. The server
+    collective; the sync runs one all-reduce of the weighted pseudo-gradients. (Inside
+    the taken branch a loop that runs once keeps the sync free on off-sync steps under
+    ``vmap`` too, where a batched predicate turns ``lax.cond`` into a select.) The server
     state and the anchor are replicated (every client computes the same server step).
 
     **Calling convention.** ``update(grads, state, params, *, active=None, **extra)`` where
@@ -181,7 +183,7 @@ def federated_server_params(opt_state: PyTree) -> PyTree:
 # client's participation (0/1) and weight as float32 scalars.
 Aggregate = Callable[[PyTree, jax.Array, jax.Array, Any], tuple[PyTree, jax.Array, dict]]
 # round_start(grads, params, part, extra_args, state) -> (shift, grads): a displacement of
-# the client's start point and the gradient to step with; runs under a lax.cond at the
+# the client's start point and the gradient to step with; runs (under run_if) at the
 # first update of every round.
 RoundStart = Callable[[PyTree, PyTree, jax.Array, dict, Any], tuple[PyTree, PyTree]]
 
@@ -273,11 +275,10 @@ class FederatedCore:
             point = params
             if round_start is not None:
                 zeros = jax.tree.map(jnp.zeros_like, params)
-                shift, updates = jax.lax.cond(
+                shift, updates = run_if(
                     first,
-                    lambda g: round_start(g, params, part, extra_args, state),
-                    lambda g: (zeros, g),
-                    updates,
+                    lambda operands: round_start(operands[1], params, part, extra_args, state),
+                    (zeros, updates),
                 )
                 point = jax.tree.map(lambda p, s: p + s.astype(p.dtype), params, shift)
             local, client_state = client.update(updates, state.client_state, point, **extra_args)
@@ -314,10 +315,9 @@ class FederatedCore:
                 return jump, client_state, server_state, anchor, {**fields, **new_fields}
 
             fields = {k: getattr(state, k) for k in state_cls._fields[5:]}
-            out, client_state, server_state, anchor, fields = jax.lax.cond(
+            out, client_state, server_state, anchor, fields = run_if(
                 sync,
                 sync_branch,
-                lambda operands: operands,
                 (local, client_state, state.server_state, state.anchor, fields),
             )
             return out, state_cls(
@@ -330,6 +330,28 @@ class FederatedCore:
             )
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def run_if(pred: jax.Array, fn: Callable[[Any], Any], operands: Any) -> Any:
+    """``fn(operands)`` if ``pred`` else ``operands``, paying for ``fn`` only when it runs.
+
+    A ``lax.cond`` whose taken branch is a while loop that runs ``fn`` once. Unbatched
+    (``shard_map``, one run), the conditional alone skips ``fn``. Under ``vmap`` with a
+    per-member predicate (every worker and run holds its own step count, as in a
+    vectorized simulation), ``lax.cond`` turns into a select that evaluates both
+    branches; the inner loop's predicate is then batched too and the loop runs while
+    *any* member needs ``fn``, so steps on which no member does skip it. ``fn`` must
+    return the structure and types of ``operands``.
+    """
+
+    def once(operands):
+        def body(carry):
+            pending, operands = carry
+            return jnp.zeros_like(pending), fn(operands)
+
+        return jax.lax.while_loop(lambda carry: carry[0], body, (pred, operands))[1]
+
+    return jax.lax.cond(pred, once, lambda operands: operands, operands)
 
 
 def check_client_weights(client_weights: Any) -> Any:
