@@ -101,6 +101,18 @@ EXPERIMENTS: dict[str, Experiment] = {
                 "full: about a day on one GPU"
             ),
         ),
+        Experiment(
+            "federated",
+            "experiments.runners.federated",
+            "experiments.configs.federated",
+            claim=(
+                "FedAWARE (Zeng et al., arXiv:2310.02702) improves on FedAvg under "
+                "label-skewed clients, and FedGA (Dandi, Barba, Jaggi, AAAI 2022) improves on "
+                "FedAvg, at equal rounds, local steps and client learning rate."
+            ),
+            variants=("smoke", "quick", "full"),
+            runtime="quick: MEASURED_QUICK; full: hours on one GPU",
+        ),
     )
 }
 

@@ -34,13 +34,16 @@ H = 2
 
 
 def test_min_norm_weights(rng, x64):
-    solve = jax.jit(optlab.min_norm_weights)
-    # Two vectors: the closed form c = <v2, v2 - v1> / ||v1 - v2||^2.
+    # One compile per shape: the iteration cap is traced.
+    jitted = jax.jit(lambda gram, cap: optlab.min_norm_weights(gram, max_iters=cap))
+    solve = lambda gram, cap=1000: jitted(gram, cap)
+    # Two vectors (no iterations, eager): the closed form c = <v2, v2 - v1> / |v1 - v2|^2.
     v = rng.normal(size=(2, 6))
     c = v[1] @ (v[1] - v[0]) / np.sum((v[0] - v[1]) ** 2)
-    np.testing.assert_allclose(solve(v @ v.T), [c, 1 - c], rtol=1e-12)
-    # Three vectors in the plane whose hull holds a point of least norm inside an edge or
-    # the interior: against a direct solution of the simplex-constrained QP.
+    np.testing.assert_allclose(optlab.min_norm_weights(v @ v.T), [c, 1 - c], rtol=1e-12)
+    np.testing.assert_array_equal(optlab.min_norm_weights(jnp.ones((1, 1))), [1.0])
+    # Three vectors, with the least-norm point inside an edge or the interior of the
+    # hull: against a direct solution of the simplex-constrained QP.
     for vecs in (rng.normal(size=(3, 2)) + np.array([0.3, 0.0]), rng.normal(size=(3, 5))):
         gram = vecs @ vecs.T
         lam = np.asarray(solve(gram))
@@ -55,15 +58,13 @@ def test_min_norm_weights(rng, x64):
             options={"ftol": 1e-14},
         )
         assert lam @ gram @ lam <= direct.fun + 1e-6
-    # Seven unit vectors (FedAWARE's case): the official solver, step by step.
+    # Seven unit vectors (FedAWARE's case): the official solver, to the iterate, also
+    # stopped after 3 iterations (a traced cap).
     units = rng.normal(size=(7, 4)) + 0.5
     units /= np.linalg.norm(units, axis=1, keepdims=True)
     gram = units @ units.T
     np.testing.assert_allclose(solve(gram), np_min_norm_fw(gram), rtol=1e-9, atol=1e-12)
-    np.testing.assert_allclose(
-        optlab.min_norm_weights(gram, max_iters=3), np_min_norm_fw(gram, max_iters=3)
-    )
-    np.testing.assert_array_equal(optlab.min_norm_weights(jnp.ones((1, 1))), [1.0])
+    np.testing.assert_allclose(solve(gram, 3), np_min_norm_fw(gram, max_iters=3))
     with pytest.raises(ValueError, match="square"):
         optlab.min_norm_weights(jnp.ones((2, 3)))
 

@@ -125,6 +125,7 @@ def param_count(params: Params) -> int:
 
 _REGISTRY: Mapping[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
+    "mlp_small": lambda **kw: MLP(**{"hidden": (32,), **kw}),  # many-client simulations
     "cnn": SmallCNN,
     "resnet20": ResNet20,
     "resnet32": lambda **kw: ResNet(32, **kw),
@@ -143,7 +144,8 @@ def make_model(name: str, num_classes: int, **kwargs: Any) -> Model:
     """Build a registered model by name.
 
     Args:
-      name: one of :func:`model_names` (``"mlp"``, ``"cnn"``, ``"resnet20"``, and the deeper
+      name: one of :func:`model_names` (``"mlp"``, ``"mlp_small"`` (one hidden layer of
+        32), ``"cnn"``, ``"resnet20"``, and the deeper
         CIFAR ResNets ``"resnet32"``, ``"resnet44"``, ``"resnet56"``, ``"resnet110"``).
       num_classes: number of output logits.
       **kwargs: module attributes (e.g. ``hidden=(64,)`` for the MLP, ``width=32`` for a
