@@ -61,13 +61,14 @@ def test_matches_reference_loop(rng, x64):
     masks = random_masks(rng, STEPS // H + 1, WORKERS, 3)
     weights = np.array([1.0, 3.0, 0.5, 2.0])
     grad = lambda i, t, x: a[i] @ x + CUBIC * x**3 - data[t, i]
-    tx = optlab.fedga(
-        optax.sgd(0.05, momentum=0.9), optax.sgd(1.0, momentum=0.5), H, AXIS, beta=0.3,
+    # Through inject_hyperparams: beta and the weights are traced (values exact in float32).
+    tx = optax.inject_hyperparams(optlab.fedga)(
+        optax.sgd(0.05, momentum=0.9), optax.sgd(1.0, momentum=0.5), H, AXIS, beta=0.25,
         client_weights=weights,
     )  # fmt: skip
     xs = run(tx, a, data, x0, masks)
     common = (grad, x0, STEPS, WORKERS, NumpySGD(0.05, 0.9), NumpySGD(1.0, 0.5), H)
-    ref, _ = reference_rounds(*common, masks=masks, weights=weights, method="fedga", beta=0.3)
+    ref, _ = reference_rounds(*common, masks=masks, weights=weights, method="fedga", beta=0.25)
     np.testing.assert_allclose(xs, ref, rtol=1e-10, atol=1e-12)
     fedavg, _ = reference_rounds(*common, masks=masks, weights=weights)
     assert np.abs(ref[-1] - fedavg[-1]).max() > 1e-3  # the alignment changed the path
