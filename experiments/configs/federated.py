@@ -41,23 +41,23 @@ def _methods(client: dict[str, Any], local_steps: int, grids: bool) -> dict[str,
         return {"axes": {"server_lr": values}, "tune": ("server_lr",)} if grids else {}
 
     return {
-        "fedavg": {**base, "transform": "fedavg", "server_lr": 1.0, **tuned((0.5, 1.0, 2.0))},
+        "fedavg": {**base, "transform": "fedavg", "server_lr": 4.0, **tuned((2.0, 4.0, 8.0))},
         # |e| <= 1 (a combination of unit vectors): its step length is eta_g itself.
         "fedaware": {
             **base,
             "transform": "fedaware",
-            "server_lr": 1.0,
+            "server_lr": 3.0,
             "alpha": 0.5,
             "projection": False,
-            **tuned((0.3, 1.0, 3.0)),
+            **tuned((1.0, 3.0, 10.0)),
         },
         # beta = the client learning rate (the official scripts: 0.17-1.3 x).
         "fedga": {
             **base,
             "transform": "fedga",
-            "server_lr": 1.0,
+            "server_lr": 4.0,
             "beta": client["learning_rate"],
-            **tuned((0.5, 1.0, 2.0)),
+            **tuned((2.0, 4.0, 8.0)),
         },
     }
 
