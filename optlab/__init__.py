@@ -25,6 +25,9 @@ from optlab.extrapolation import (
     extrapolation,
     extrapolation_eval_params,
 )
+from optlab.fedavg import FedAvgState, fedavg, federated_server_params
+from optlab.fedaware import FedAWAREState, fedaware, min_norm_weights
+from optlab.fedga import FedGAState, fedga
 from optlab.gradalign import GradAlignState, gradalign
 from optlab.gradient_diversity import (
     GradientDiversityState,
@@ -67,6 +70,9 @@ __all__ = [
     "DiveBatch",
     "DiveBatchState",
     "ExtrapolationState",
+    "FedAWAREState",
+    "FedAvgState",
+    "FedGAState",
     "GradAlignState",
     "GradientDiversityState",
     "L2InitRegularizationState",
@@ -92,6 +98,10 @@ __all__ = [
     "extrap_sgd",
     "extrapolation",
     "extrapolation_eval_params",
+    "fedavg",
+    "fedaware",
+    "federated_server_params",
+    "fedga",
     "grad_at_point",
     "gradalign",
     "gradient_diversity",
@@ -106,6 +116,7 @@ __all__ = [
     "lookahead",
     "lr_scale",
     "mean_gradients",
+    "min_norm_weights",
     "mixing_matrix",
     "multilayer_lookahead",
     "palsgd",

@@ -130,6 +130,7 @@ def param_count(params: Params) -> int:
 
 _REGISTRY: Mapping[str, Callable[..., nn.Module]] = {
     "mlp": MLP,
+    "mlp_small": lambda **kw: MLP(**{"hidden": (32,), **kw}),  # many-client simulations
     "cnn": SmallCNN,
     "resnet20": ResNet20,
     "resnet32": lambda **kw: ResNet(32, **kw),
@@ -163,12 +164,13 @@ def make_model(name: str, num_classes: int, **kwargs: Any) -> Model:
     """Build a registered model by name.
 
     Args:
-      name: one of :func:`model_names` (``"mlp"``, ``"cnn"``, ``"resnet20"``, the deeper
-        CIFAR ResNets ``"resnet32"``, ``"resnet44"``, ``"resnet56"``, ``"resnet110"``, and
-        the decoder-only :class:`TransformerLM` ``"transformer_lm"`` (d_model 64, 4 heads,
-        2 layers) and ``"transformer_lm_tiny"`` (d_model 16, 2 heads, 1 layer), whose inputs
-        are tokens ``(N, T)`` and logits ``(N, T, num_classes)``), or ``"mlp_<width>x<depth>"``
-        for an MLP of ``depth`` hidden layers of ``width`` units.
+      name: one of :func:`model_names` (``"mlp"``, ``"mlp_small"`` (one hidden layer of
+        32), ``"cnn"``, ``"resnet20"``, the deeper CIFAR ResNets ``"resnet32"``,
+        ``"resnet44"``, ``"resnet56"``, ``"resnet110"``, and the decoder-only
+        :class:`TransformerLM` ``"transformer_lm"`` (d_model 64, 4 heads, 2 layers) and
+        ``"transformer_lm_tiny"`` (d_model 16, 2 heads, 1 layer), whose inputs are tokens
+        ``(N, T)`` and logits ``(N, T, num_classes)``), or ``"mlp_<width>x<depth>"`` for an
+        MLP of ``depth`` hidden layers of ``width`` units.
       num_classes: number of output logits (the vocabulary size for the language models).
       **kwargs: module attributes (e.g. ``hidden=(64,)`` for the MLP, ``width=32`` for a
         ResNet, ``dtype=jnp.bfloat16``).
