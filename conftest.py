@@ -37,3 +37,17 @@ def x64():
         yield
     finally:
         jax.config.update("jax_enable_x64", previous)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """Groups for ``--dist loadgroup`` (pytest-xdist): a test file's tests run together in one
+    worker (its module fixtures and compiled functions are shared), except the ``slow`` ones
+    (a whole smoke experiment, a notebook, a subprocess run), which are scheduled one by one
+    so that the two workers stay balanced."""
+    del config
+    for item in items:
+        if item.get_closest_marker("xdist_group") is None:
+            slow = item.get_closest_marker("slow") is not None
+            group = item.nodeid if slow else item.nodeid.split("::")[0]
+            item.add_marker(pytest.mark.xdist_group(group))
