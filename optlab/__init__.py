@@ -9,6 +9,7 @@ Every public optimizer is a pure ``optax.GradientTransformation`` (or
 from optlab import parallel, perturbation
 from optlab.average_direction_sam import AverageDirectionSAMState, average_direction_sam
 from optlab.diloco import DiLoCoState, diloco, diloco_outer_params
+from optlab.dpf import DPFState, Sparsity, default_prunable, dpf, masked_params, sparsity
 from optlab.dsgd import DSGDState, consensus_distance, dsgd, mixing_matrix
 from optlab.extrapolation import (
     ExtrapolationState,
@@ -31,6 +32,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AverageDirectionSAMState",
+    "DPFState",
     "DSGDState",
     "DiLoCoState",
     "ExtrapolationState",
@@ -40,14 +42,17 @@ __all__ = [
     "PALSGDState",
     "SAMState",
     "SASAMState",
+    "Sparsity",
     "__version__",
     "asam_scale",
     "asam_weight_mask",
     "average_direction_sam",
     "consensus_distance",
     "data_parallel_value_and_grad",
+    "default_prunable",
     "diloco",
     "diloco_outer_params",
+    "dpf",
     "dsgd",
     "extrap_sgd",
     "extrapolation",
@@ -58,6 +63,7 @@ __all__ = [
     "hessian_trace",
     "local_sgd",
     "lookahead",
+    "masked_params",
     "mean_gradients",
     "mixing_matrix",
     "multilayer_lookahead",
@@ -71,4 +77,5 @@ __all__ = [
     "safe_global_norm",
     "sam",
     "slow_params",
+    "sparsity",
 ]
