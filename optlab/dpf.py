@@ -11,9 +11,10 @@ dense copy, so they never come back.
 
 Cost: the mask is recomputed (one global sort of the prunable magnitudes) inside a
 ``lax.cond`` taken only on refresh steps; an ordinary step costs the inner optimizer plus,
-without feedback, two elementwise selects. Under ``jax.vmap`` with a batched step count
-(several runs stacked) ``lax.cond`` becomes a select and the refresh is computed on every
-step.
+without feedback, two elementwise selects. Under ``jax.vmap`` (several runs stacked, each
+with its own step count) a plain ``lax.cond`` would become a select and sort on every
+step; the refresh has its own batching rule that keeps the branch (taken when any run
+refreshes). Under nested ``vmap`` only the innermost level keeps it.
 
 References:
   T. Lin, S. U. Stich, L. Barba, D. Dmitriev, M. Jaggi. *Dynamic Model Pruning with
@@ -253,9 +254,8 @@ def dpf(
         mask = _full_mask(params, flags, structured)
         count = jnp.zeros([], jnp.int32)
         if isinstance(begin, int) and begin == 0:  # the step-0 refresh
-            mask = _magnitude_mask(
-                params, flags, structured, lambda units: pruned_count(count, units)
-            )
+            n = pruned_count(count, _units(params, flags, structured))
+            mask = _magnitude_mask(params, flags, structured, n)
         return DPFState(inner_state=inner.init(params), mask=mask, count=count)
 
     def update_fn(
@@ -274,15 +274,9 @@ def dpf(
             updates = _apply_mask(updates, state.mask, flags)
         inner_updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
         count = optax.safe_increment(state.count)
-
-        def refresh(mask: PyTree) -> PyTree:
-            del mask
-            dense = jax.tree.map(lambda p, u: p + u.astype(p.dtype), params, inner_updates)
-            return _magnitude_mask(
-                dense, flags, structured, lambda units: pruned_count(count, units)
-            )
-
-        mask = jax.lax.cond(is_refresh(count), refresh, lambda m: m, state.mask)
+        n = pruned_count(count, _units(params, flags, structured))
+        refresh = _refresh_when(flags, structured)
+        mask = refresh(is_refresh(count), params, inner_updates, state.mask, n)
         if not feedback:
             # w_{t+1} = m_{t+1} * (w_t + u): pruned weights are zeroed in the dense copy.
             inner_updates = jax.tree.map(
@@ -336,23 +330,24 @@ def _scores(leaf: jax.Array, structured: bool) -> jax.Array:
     return jnp.sqrt(squares)  # the L2 norm of each output channel (no NaN gradient needed)
 
 
-def _magnitude_mask(
-    params: PyTree,
-    flags: PyTree,
-    structured: bool,
-    pruned: Callable[[int], jax.Array],
-) -> PyTree:
-    """Keeps all but the ``pruned(N)`` smallest units over all prunable tensors (one global
+def _units(params: PyTree, flags: PyTree, structured: bool) -> int:
+    """N: the number of pruning units (weights, or output channels) of the prunable leaves."""
+    leaves = zip(jax.tree.leaves(params), jax.tree.leaves(flags), strict=True)
+    return sum(int(np.prod(_mask_shape(p, structured))) for p, f in leaves if f)
+
+
+def _magnitude_mask(params: PyTree, flags: PyTree, structured: bool, pruned: jax.Array) -> PyTree:
+    """Keeps all but the ``pruned`` smallest units over all prunable tensors (one global
     ranking; a stable sort breaks ties by position, so the count is exact)."""
     leaves, treedef = jax.tree.flatten(params)
-    leaf_flags = treedef.flatten_up_to(flags)
+    leaf_flags = jax.tree.leaves(flags)
     scores = [_scores(p, structured) for p, f in zip(leaves, leaf_flags, strict=True) if f]
     units = sum(int(s.size) for s in scores)
     if units == 0:
         return _full_mask(params, flags, structured)
     flat = jnp.concatenate(scores)
     order = jnp.argsort(flat, stable=True)
-    keep_sorted = jnp.arange(units) >= pruned(units)
+    keep_sorted = jnp.arange(units) >= pruned
     keep = jnp.zeros(units, bool).at[order].set(keep_sorted, unique_indices=True)
     out, offset = [], 0
     for p, f in zip(leaves, leaf_flags, strict=True):
@@ -364,6 +359,53 @@ def _magnitude_mask(
         out.append(keep[offset : offset + size].reshape(shape))
         offset += size
     return jax.tree.unflatten(treedef, out)
+
+
+def _refresh_when(flags: PyTree, structured: bool) -> Callable[..., PyTree]:
+    """``refresh(pred, params, updates, mask, n)``: the mask of ``params + updates`` when
+    ``pred``, else ``mask``, under a ``lax.cond`` that stays a branch under ``jax.vmap``.
+
+    A plain ``lax.cond`` with a batched predicate (several runs stacked under ``vmap``, each
+    with its own step count) becomes a select that sorts on every step. The batching rule
+    here keeps one ``lax.cond`` on "any run refreshes", sorts every run inside it and
+    selects per run, so steps on which no run refreshes still cost nothing.
+    """
+
+    def compute(params: PyTree, updates: PyTree, n: jax.Array) -> PyTree:
+        dense = jax.tree.map(lambda p, u: p + u.astype(p.dtype), params, updates)
+        return _magnitude_mask(dense, flags, structured, n)
+
+    @jax.custom_batching.custom_vmap
+    def refresh(pred, params, updates, mask, n):
+        return jax.lax.cond(pred, lambda: compute(params, updates, n), lambda: mask)
+
+    @refresh.def_vmap
+    def refresh_batched(axis_size, in_batched, pred, params, updates, mask, n):
+        def batched(x, is_batched):
+            return x if is_batched else jnp.broadcast_to(x, (axis_size, *jnp.shape(x)))
+
+        pred_b, params_b, updates_b, mask_b, n_b = in_batched
+        operands = (
+            batched(pred, pred_b),
+            jax.tree.map(batched, params, params_b),
+            jax.tree.map(batched, updates, updates_b),
+            jax.tree.map(batched, mask, mask_b),
+            batched(n, n_b),
+        )
+
+        def run(operands):
+            pred, params, updates, mask, n = operands
+            new = jax.vmap(compute)(params, updates, n)
+            return jax.tree.map(
+                lambda a, b: jnp.where(pred.reshape((-1,) + (1,) * (a.ndim - 1)), a, b),
+                new,
+                mask,
+            )
+
+        out = jax.lax.cond(jnp.any(operands[0]), run, lambda ops: ops[3], operands)
+        return out, jax.tree.map(lambda _: True, mask)
+
+    return refresh
 
 
 def _apply_mask(tree: PyTree, mask: PyTree, flags: PyTree) -> PyTree:
