@@ -25,6 +25,7 @@ from __future__ import annotations
 # counterpart must be registered before the entry naming it).
 from experiments.bench import (
     baselines,  # registers optax.sgd, sgd+momentum, adam: keep first
+    entries_dpf,  # optlab.dpf on ordinary and mask-refresh steps vs its inner sgd
     entries_lookahead,  # optlab (multilayer) lookahead vs optax.lookahead, 1-3 levels
     entries_sam,  # optlab.sam/ASAM vs optax.contrib.sam, extrap_sgd, past, sa_sam
 )
@@ -49,6 +50,7 @@ __all__ = [
     "Registry",
     "baselines",
     "entries",
+    "entries_dpf",
     "entries_lookahead",
     "entries_sam",
     "get_entry",
