@@ -321,20 +321,31 @@ def test_orbax_round_trip_between_refreshes_resumes_bitwise(tmp_path, rng):
     jax.tree.map(np.testing.assert_array_equal, run(*restored, 6, STEPS), full)
 
 
-def _sorts_outside_branches(hlo: str) -> set[str]:
-    """The computations that sort but are not a branch of a conditional (empty: all in)."""
-    branches = {
+def _refresh_outside_branches(hlo: str) -> bool:
+    """Whether the refresh's work (its bit-pattern bisection, ``bitcast-convert``) is
+    reachable from the entry without entering a conditional branch; asserts it exists."""
+    bodies = {c.split(" ", 1)[0]: c for c in re.split(r"\n(?=%|ENTRY)", hlo)}
+    calls = r"(?:calls|to_apply|body|condition)=(%[\w.\-]+)"
+
+    def reach(roots):
+        seen, todo = set(), list(roots)
+        while todo:
+            name = todo.pop()
+            if name not in seen and name in bodies:
+                seen.add(name)
+                todo += re.findall(calls, bodies[name])
+        return seen
+
+    branches = [
         b.strip() for m in re.findall(r"branch_computations=\{([^}]*)\}", hlo) for b in m.split(",")
-    }
-    with_sort = {
-        c.split(" ", 1)[0] for c in re.split(r"\n(?=%|ENTRY)", hlo) if re.search(r" sort\(", c)
-    }
-    assert with_sort, "no sort compiled: the refresh was compiled away"
-    return with_sort - branches
+    ]
+    refresh = lambda names: any("bitcast-convert(" in bodies[n] for n in names)
+    assert refresh(reach(branches)), "no refresh compiled in a branch"
+    return refresh(reach(["ENTRY"]))
 
 
 def test_refresh_is_a_branch_alone_and_under_vmap_with_runs_out_of_step(rng):
-    """The sort sits in a conditional branch, also for runs stacked under vmap (a plain
+    """The refresh sits in a conditional branch, also for runs stacked under vmap (a plain
     lax.cond would become a select there); stacked runs whose counts differ (one refreshes
     at each step, the other not) equal the runs done one by one."""
     tx = optlab.dpf(optax.sgd(0.5), 0.5, end_step=6, mask_every=2)
@@ -346,7 +357,7 @@ def test_refresh_is_a_branch_alone_and_under_vmap_with_runs_out_of_step(rng):
     both_state = jax.tree.map(lambda v: jnp.stack([v, v]), state)
     stacked = jax.jit(jax.vmap(tx.update)).lower(params, both_state, params).compile()
     for compiled in (single, stacked):
-        assert not _sorts_outside_branches(compiled.as_text())
+        assert not _refresh_outside_branches(compiled.as_text())
     runs = [jax.tree.map(lambda v, r=r: v[r], params) for r in range(2)]
     states = [tx.init(runs[0]), tx.init(runs[1])]
     grads = [jax.tree.map(lambda v: jnp.sin(3 * v), p) for p in runs]
