@@ -349,7 +349,7 @@ def _magnitude_mask(params: PyTree, flags: PyTree, structured: bool, pruned: jax
     # The n-th smallest score is the threshold; everything below it is pruned, and of the
     # scores equal to it the first ones by position, up to n in all: the order of a stable
     # argsort. The threshold comes from a bisection on the scores' bits (non-negative
-    # float32 order like their uint32 patterns; NaN last): 32 fused compare-and-count
+    # float32 order like their uint32 patterns; NaN last): 31 fused compare-and-count
     # passes, where XLA:CPU's sort (and argsort's scatter back) costs ~100x more.
     pruned = jnp.clip(pruned, 0, units)
     bits = jax.lax.bitcast_convert_type(flat, jnp.uint32)
@@ -360,12 +360,18 @@ def _magnitude_mask(params: PyTree, flags: PyTree, structured: bool, pruned: jax
         enough = jnp.sum(bits <= mid, dtype=jnp.int32) >= pruned
         return jnp.where(enough, lo, mid + 1), jnp.where(enough, mid, hi)
 
-    start = (jnp.uint32(0), jnp.uint32(0xFFFFFFFF))
-    threshold, _ = jax.lax.fori_loop(0, 32, bisect, start)
+    start = (jnp.uint32(0), jnp.uint32(0x7FFFFFFF))  # the sign bit is 0
+    threshold, _ = jax.lax.fori_loop(0, 31, bisect, start)
     below = bits < threshold
     tie = bits == threshold
     ties_to_prune = pruned - jnp.sum(below, dtype=jnp.int32)
-    prune = below | (tie & (jnp.cumsum(tie, dtype=jnp.int32) <= ties_to_prune))
+    # Usually every tie goes (distinct magnitudes: one tie); the position scan only when not.
+    pruned_ties = jax.lax.cond(
+        ties_to_prune >= jnp.sum(tie, dtype=jnp.int32),
+        lambda: tie,
+        lambda: tie & (jnp.cumsum(tie, dtype=jnp.int32) <= ties_to_prune),
+    )
+    prune = below | pruned_ties
     keep = ~prune | (pruned == 0)
     out, offset = [], 0
     for p, f in zip(leaves, leaf_flags, strict=True):

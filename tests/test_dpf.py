@@ -401,9 +401,13 @@ def test_zero_matrix_and_all_pruned_tensor_stay_finite():
                 updates, state = tx.update(jax.tree.map(jnp.zeros_like, p), state, p)
                 p = optax.apply_updates(p, updates)
             out.append((p, state, optlab.sparsity(optlab.masked_params(state, p))))
-        return out, optlab.sparsity({"k": jnp.zeros((3, 3)), "b": jnp.ones(3)})
+        equal = optlab.dpf(optax.sgd(0.1), 0.25, end_step=1, schedule="constant")
+        ties = equal.init({"k": jnp.ones((2, 4))}).mask["k"]
+        return out, optlab.sparsity({"k": jnp.zeros((3, 3)), "b": jnp.ones(3)}), ties
 
-    out, zeros = run(params)
+    out, zeros, ties = run(params)
+    # Equal magnitudes: exactly 2 of the 8 go, the first ones by position.
+    np.testing.assert_array_equal(ties, [[False, False, True, True], [True, True, True, True]])
     for p, state, _ in out:
         assert not np.any(state.mask["k_small"])
         assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves((p, state)))

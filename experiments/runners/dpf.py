@@ -19,9 +19,10 @@ measured on them.
 
 The study's train step takes the loss and gradient at the params (the dense weights); the
 pruned methods need the gradient at the pruned weights, so they are wrapped to take it from
-the step's ``grad_fn`` at ``optlab.masked_params`` (one extra forward pass per step; the
-unused dense gradient is compiled away). Their logged mini-batch training loss is therefore
-the dense weights' loss; the final ``train_loss`` is measured on the pruned weights.
+the step's ``grad_fn`` at ``optlab.masked_params``: a second loss and gradient per step (the
+step's own, at the dense weights, is unused but for the logged loss, so XLA may drop its
+backward pass). Their logged mini-batch training loss is therefore the dense weights' loss;
+the final ``train_loss`` is measured on the pruned weights.
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ def build_study(config: ml_collections.ConfigDict) -> st.Study:
             "kernels of every layer but the head), `sparsity_overall` over all parameters.",
             "Same footing: one base optimizer, schedule and weight decay for every method; "
             "the pruned methods take their gradient at the pruned weights through the "
-            "step's grad_fn (one extra forward pass per step, so equal steps, not equal "
+            "step's grad_fn (a second loss and gradient per step: equal steps, not equal "
             "compute), and their logged mini-batch loss is the dense weights' loss.",
             "Methods: " + "; ".join(f"{m.name} = {m.label}" for m in methods) + ".",
         ],
