@@ -94,8 +94,12 @@ def pruned_weights(state: TrainState) -> Any:
 def sparsity_reached(data: st.TaskData, method, spec, params, model_state) -> dict[str, Any]:
     """The ``final_metrics`` hook: the sparsity of the evaluated weights, per run."""
     del data, method, spec, model_state
-    report = jax.jit(jax.vmap(lambda p: optlab.sparsity(p, prunable=prunable)))(params)
+    report = _stacked_sparsity(params)
     return {"sparsity": report.prunable, "sparsity_overall": report.overall}
+
+
+# One jitted function for every group (a compile per params shape and group size).
+_stacked_sparsity = jax.jit(jax.vmap(lambda p: optlab.sparsity(p, prunable=prunable)))
 
 
 def _validate(method: st.Method, task: st.Task) -> None:
