@@ -9,10 +9,11 @@ the next mask refresh. Without feedback (``feedback=False``: gradual magnitude p
 & Gupta 2017) the gradient and the update are masked and pruned weights are zeroed in the
 dense copy, so they never come back.
 
-Cost: the mask is recomputed (one global sort of the prunable magnitudes) inside a
-``lax.cond`` taken only on refresh steps; an ordinary step costs the inner optimizer plus,
-without feedback, two elementwise selects. Under ``jax.vmap`` (several runs stacked, each
-with its own step count) a plain ``lax.cond`` would become a select and sort on every
+Cost: the mask is recomputed (one global selection of the n-th smallest prunable magnitude,
+a 31-step bisection of compare-and-count passes) inside a ``lax.cond`` taken only on
+refresh steps; an ordinary step costs the inner optimizer plus, without feedback, two
+elementwise selects. Under ``jax.vmap`` (several runs stacked, each
+with its own step count) a plain ``lax.cond`` would become a select and refresh on every
 step; the refresh has its own batching rule that keeps the branch (taken when any run
 refreshes). Under nested ``vmap`` only the innermost level keeps it.
 
@@ -390,8 +391,8 @@ def _refresh_when(flags: PyTree, structured: bool) -> Callable[..., PyTree]:
     ``pred``, else ``mask``, under a ``lax.cond`` that stays a branch under ``jax.vmap``.
 
     A plain ``lax.cond`` with a batched predicate (several runs stacked under ``vmap``, each
-    with its own step count) becomes a select that sorts on every step. The batching rule
-    here keeps one ``lax.cond`` on "any run refreshes", sorts every run inside it and
+    with its own step count) becomes a select that refreshes on every step. The batching
+    rule here keeps one ``lax.cond`` on "any run refreshes", refreshes every run inside it and
     selects per run, so steps on which no run refreshes still cost nothing.
     """
 
