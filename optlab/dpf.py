@@ -254,7 +254,8 @@ def dpf(
         flags = _prunable_flags(params, prunable)
         mask = _full_mask(params, flags, structured)
         count = jnp.zeros([], jnp.int32)
-        if isinstance(begin, int) and begin == 0:  # the step-0 refresh
+        # The step-0 refresh (the cubic schedule starts at sparsity 0: nothing to prune).
+        if isinstance(begin, int) and begin == 0 and schedule == "constant":
             n = pruned_count(count, _units(params, flags, structured))
             mask = _magnitude_mask(params, flags, structured, n)
         return DPFState(inner_state=inner.init(params), mask=mask, count=count)
