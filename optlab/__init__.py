@@ -18,6 +18,7 @@ from optlab.divebatch import (
     lr_scale,
     scale_by_batch_size,
 )
+from optlab.dpf import DPFState, Sparsity, default_prunable, dpf, masked_params, sparsity
 from optlab.dsgd import DSGDState, consensus_distance, dsgd, mixing_matrix
 from optlab.extrapolation import (
     ExtrapolationState,
@@ -65,6 +66,7 @@ __version__ = "0.1.0"
 __all__ = [
     "LR_SCALINGS",
     "AverageDirectionSAMState",
+    "DPFState",
     "DSGDState",
     "DiLoCoState",
     "DiveBatch",
@@ -82,6 +84,7 @@ __all__ = [
     "PathGeometry",
     "SAMState",
     "SASAMState",
+    "Sparsity",
     "SpectralRegularizationState",
     "WassersteinRegularizationState",
     "__version__",
@@ -91,9 +94,11 @@ __all__ = [
     "average_direction_sam",
     "consensus_distance",
     "data_parallel_value_and_grad",
+    "default_prunable",
     "diloco",
     "diloco_outer_params",
     "divebatch",
+    "dpf",
     "dsgd",
     "extrap_sgd",
     "extrapolation",
@@ -115,6 +120,7 @@ __all__ = [
     "local_sgd",
     "lookahead",
     "lr_scale",
+    "masked_params",
     "mean_gradients",
     "min_norm_weights",
     "mixing_matrix",
@@ -132,6 +138,7 @@ __all__ = [
     "sam",
     "scale_by_batch_size",
     "slow_params",
+    "sparsity",
     "spectral_norms",
     "spectral_regularization",
     "wasserstein_regularization",

@@ -30,6 +30,7 @@ from __future__ import annotations
 from experiments.bench import (
     baselines,  # registers optax.sgd, sgd+momentum, adam: keep first
     entries_continual,  # spectral / Wasserstein / L2 Init regularizers before sgd
+    entries_dpf,  # optlab.dpf on ordinary and mask-refresh steps vs its inner sgd
     entries_lookahead,  # optlab (multilayer) lookahead vs optax.lookahead, 1-3 levels
     entries_sam,  # optlab.sam/ASAM vs optax.contrib.sam, extrap_sgd, past, sa_sam
 )
@@ -55,6 +56,7 @@ __all__ = [
     "baselines",
     "entries",
     "entries_continual",
+    "entries_dpf",
     "entries_lookahead",
     "entries_sam",
     "get_entry",
