@@ -19,7 +19,7 @@ SMOKE_PARAMETERS = {
     "sam": "STEPS = 20\nSEEDS = (0,)\nSHARPNESS_EXAMPLES = 64\nPOWER_ITERS = 3\nTRACE_SAMPLES = 2",
     "distributed": "STEPS = 12\nSYNC_PERIOD = 4",
     "pruning_and_continual": "NUM_TASKS = 2\nSTEPS_PER_TASK = 5\nSEEDS = (0,)\n"
-    "METHODS = ('spectral',)",
+    "METHODS = ('spectral',)\nPRUNE_STEPS = 30",
     "diagnostics": "EPOCHS = 1\nSEEDS = (0,)\nDIVERSITY_EXAMPLES = 32\n"
     "ARCHITECTURES = ('mlp_32x1',)\nMETHODS = ('divebatch',)",
 }
