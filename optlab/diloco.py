@@ -72,9 +72,8 @@ def diloco(
     count with ``run_if``, also under ``jax.vmap`` over runs and workers) and emit the
     inner update; a sync step emits ``anchor_new - params``. The inner state is worker-local
     and persists across rounds (it is not averaged nor reset, as in the paper); the outer
-    state is replicated.
-    The paper's outer optimizer is Nesterov SGD, ``optax.sgd(0.7, momentum=0.9,
-    nesterov=True)`` (used when ``outer`` is ``None``): ``v <- mu v + Delta``,
+    state is replicated. The paper's outer optimizer is Nesterov SGD, ``optax.sgd(0.7,
+    momentum=0.9, nesterov=True)`` (used when ``outer`` is ``None``): ``v <- mu v + Delta``,
     ``theta <- theta - lr (Delta + mu v)``; the paper's inner one is AdamW (lr 4e-4 with
     warm-up and cosine decay, weight decay 0.1) with H = 500 on 8 workers.
 
