@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optlab._control import run_if
 from optlab.local_sgd import AxisName, check_axis_name, is_sync_step, worker_mean
 from optlab.validation import check_injectable_int
 
@@ -67,11 +68,12 @@ def diloco(
       \theta \leftarrow \theta + \mathrm{outer}(\Delta),\; x_i \leftarrow \theta.
 
     The pseudo-gradient :math:`\Delta` is one all-reduce per outer step; off-sync steps run
-    no collective (a ``lax.cond`` on the step count) and emit the inner update; a sync step
-    emits ``anchor_new - params``. The inner state is worker-local and persists across
-    rounds (it is not averaged nor reset, as in the paper); the outer state is replicated.
-    The paper's outer optimizer is Nesterov SGD, ``optax.sgd(0.7, momentum=0.9,
-    nesterov=True)`` (used when ``outer`` is ``None``): ``v <- mu v + Delta``,
+    no collective and no outer step, move no bytes and cost nothing (guarded by the step
+    count with ``run_if``, also under ``jax.vmap`` over runs and workers) and emit the
+    inner update; a sync step emits ``anchor_new - params``. The inner state is worker-local
+    and persists across rounds (it is not averaged nor reset, as in the paper); the outer
+    state is replicated. The paper's outer optimizer is Nesterov SGD, ``optax.sgd(0.7,
+    momentum=0.9, nesterov=True)`` (used when ``outer`` is ``None``): ``v <- mu v + Delta``,
     ``theta <- theta - lr (Delta + mu v)``; the paper's inner one is AdamW (lr 4e-4 with
     warm-up and cosine decay, weight decay 0.1) with H = 500 on 8 workers.
 
@@ -157,8 +159,8 @@ def diloco(
             jump = jax.tree.map(lambda a, p, u: (a - p).astype(u.dtype), anchor, params, local)
             return jump, outer_state, anchor
 
-        out, outer_state, anchor = jax.lax.cond(
-            sync, outer_step, lambda operands: operands, (local, state.outer_state, state.anchor)
+        out, outer_state, anchor = run_if(
+            sync, outer_step, (local, state.outer_state, state.anchor)
         )
         return out, DiLoCoState(
             count=optax.safe_increment(state.count),

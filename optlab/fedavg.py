@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from optlab._control import run_if
 from optlab.local_sgd import AxisName, check_axis_name
 from optlab.parallel import is_manual_axis
 from optlab.validation import check_injectable_int
@@ -330,28 +331,6 @@ class FederatedCore:
             )
 
         return optax.GradientTransformationExtraArgs(init_fn, update_fn)
-
-
-def run_if(pred: jax.Array, fn: Callable[[Any], Any], operands: Any) -> Any:
-    """``fn(operands)`` if ``pred`` else ``operands``, paying for ``fn`` only when it runs.
-
-    A ``lax.cond`` whose taken branch is a while loop that runs ``fn`` once. Unbatched
-    (``shard_map``, one run), the conditional alone skips ``fn``. Under ``vmap`` with a
-    per-member predicate (every worker and run holds its own step count, as in a
-    vectorized simulation), ``lax.cond`` turns into a select that evaluates both
-    branches; the inner loop's predicate is then batched too and the loop runs while
-    *any* member needs ``fn``, so steps on which no member does skip it. ``fn`` must
-    return the structure and types of ``operands``.
-    """
-
-    def once(operands):
-        def body(carry):
-            pending, operands = carry
-            return jnp.zeros_like(pending), fn(operands)
-
-        return jax.lax.while_loop(lambda carry: carry[0], body, (pred, operands))[1]
-
-    return jax.lax.cond(pred, once, lambda operands: operands, operands)
 
 
 def check_client_weights(client_weights: Any) -> Any:

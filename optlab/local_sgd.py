@@ -2,10 +2,12 @@
 
 Each worker holds its own copy of the params and of the inner optimizer state and runs
 ``inner`` on its own gradient; every ``sync_period`` updates the params are averaged over
-``axis_name``. The sync is a ``lax.cond`` on the step count, which is the same on every
-worker, so an off-sync step runs no collective and moves no bytes between workers (under
-``jax.shard_map`` and multi-host JAX; under ``jax.vmap`` with a batched state the cond
-becomes a select and both sides run, which is harmless in a simulation).
+``axis_name``. The sync is guarded by the step count, which is the same on every worker
+(``optlab._control.run_if``: a ``lax.cond`` whose taken branch is a one-trip while loop), so
+an off-sync step runs no collective, moves no bytes between workers and costs nothing
+(under ``jax.shard_map`` and multi-host JAX, and also under ``jax.vmap`` over runs and
+workers, where the count is batched: the sync then runs only on steps where some member
+syncs).
 
 References:
   S. U. Stich. *Local SGD Converges Fast and Communicates Little.* ICLR 2019.
@@ -23,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optlab._control import run_if
 from optlab.parallel import is_manual_axis
 from optlab.validation import check_injectable_int
 
@@ -65,9 +68,10 @@ def check_axis_name(axis_name: Any) -> AxisName:
 def worker_mean(tree: PyTree, axis_name: AxisName) -> PyTree:
     """``lax.pmean`` over ``axis_name``, re-marked as varying under ``shard_map``.
 
-    The mean is the same on every worker (invariant); a ``lax.cond`` whose other branch
-    returns the worker's own (varying) value needs both sides of one type, so under a
-    manual (``shard_map``) axis the mean is cast back to varying, which moves no data.
+    The mean is the same on every worker (invariant); a conditional (``lax.cond``,
+    ``run_if``) whose other branch returns the worker's own (varying) value needs both
+    sides of one type, so under a manual (``shard_map``) axis the mean is cast back to
+    varying, which moves no data.
     """
     mean = jax.lax.pmean(tree, axis_name)
     names = (axis_name,) if isinstance(axis_name, str) else axis_name
@@ -197,9 +201,7 @@ def local_sgd(
                 inner_state = _mean_floats(inner_state, axis_name)
             return jump, inner_state
 
-        out, inner_state = jax.lax.cond(
-            sync, average, lambda operands: operands, (local, inner_state)
-        )
+        out, inner_state = run_if(sync, average, (local, inner_state))
         return out, LocalSGDState(count=optax.safe_increment(state.count), inner_state=inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)

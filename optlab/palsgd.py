@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from optlab._control import run_if
 from optlab.local_sgd import AxisName, check_axis_name, worker_mean
 from optlab.perturbation import raw_key
 from optlab.validation import check_float_in_range, check_injectable_int
@@ -99,8 +100,11 @@ def palsgd(
     a step moves :math:`-\lambda_t g + \lambda_t \eta (\theta - x)`: local SGD on
     :math:`f_i(x) + \tfrac{\eta}{2}\|x - \theta\|^2` where the proximal part replaces a
     fraction ``p`` of the gradient computations. The real sync counts every step (gradient
-    or pull) and is one all-reduce under a ``lax.cond`` on the replicated count; warm-up
-    steps all-reduce the gradient (a second ``lax.cond``, absent when ``warmup_steps=0``).
+    or pull) and is one all-reduce guarded by the replicated count; warm-up steps
+    all-reduce the gradient (a second guard, absent when ``warmup_steps=0``). Both guards
+    are ``run_if`` (a ``lax.cond`` whose taken branch is a one-trip while loop): steps
+    that do not sync move no bytes and cost nothing, also under ``jax.vmap`` over runs
+    and workers.
 
     **Skipping the gradient.** On a pseudo-sync step ``update`` ignores ``updates`` (pass
     zeros of the params' shape). Query ``palsgd_is_pseudo_sync(opt_state)`` *before* the
@@ -214,7 +218,7 @@ def palsgd(
         def gradient_step(inner_state):
             grads = updates
             if has_warmup:
-                grads = jax.lax.cond(warm, lambda g: worker_mean(g, axis_name), lambda g: g, grads)
+                grads = run_if(warm, lambda g: worker_mean(g, axis_name), grads)
             direction, inner_state = inner.update(grads, inner_state, params, **extra_args)
             scale = jnp.where(warm, lr, lr / (1.0 - prob)) if has_warmup else lr / (1.0 - prob)
             local = jax.tree.map(lambda d: (-scale * d).astype(d.dtype), direction)
@@ -254,11 +258,8 @@ def palsgd(
             jump = jax.tree.map(lambda a, p, u: (a - p).astype(u.dtype), anchor, params, local)
             return jump, outer_state, anchor
 
-        out, outer_state, anchor = jax.lax.cond(
-            sync | switch,
-            outer_step,
-            lambda operands: operands,
-            (local, state.outer_state, state.anchor),
+        out, outer_state, anchor = run_if(
+            sync | switch, outer_step, (local, state.outer_state, state.anchor)
         )
         new_count = optax.safe_increment(count)
         key = state.key

@@ -1,19 +1,21 @@
 """Shared harness for the federated transforms (fedavg, fedaware, fedga): a float64 NumPy
 reference of a federated round written from the equations (ALGORITHMS.md 2.4, 8.2, 9.2),
 the official min-norm Frank-Wolfe restated in NumPy, a wrapper feeding ``active`` (and a
-``grad_fn``) to the worker-axis runners of ``worker_axis_checks``, and an HLO check that
-every collective sits in a branch of a conditional whose other branch has none.
+``grad_fn``) to the worker-axis runners of ``worker_axis_checks``, and a runner that
+applies its HLO check (every collective sits under a conditional with a silent branch).
 """
 
 from __future__ import annotations
-
-import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from worker_axis_checks import init_workers, shard_map_step
+from worker_axis_checks import (
+    assert_collectives_only_in_silent_alternatives,
+    init_workers,
+    shard_map_step,
+)
 
 # ----------------------------------------------------------------------------------------
 # References (NumPy, float64).
@@ -161,29 +163,6 @@ def random_masks(rng, rounds, workers, per_round):
 # Compiled-program check.
 
 
-def _calls(hlo: str) -> dict[str, tuple[list[str], list[list[str]], int]]:
-    """Per computation: the computations it calls (not as a branch), its conditionals'
-    branch lists, and its own number of collectives."""
-    out = {}
-    for comp in re.split(r"\n(?=%|ENTRY)", hlo):
-        head = comp.split(" ", 2)
-        name = head[1] if head[0] == "ENTRY" else head[0]
-        callees = re.findall(r"(?:calls|to_apply|body|condition)=(%[\w.\-]+)", comp)
-        branches = [
-            [b.strip() for b in m.split(",")]
-            for m in re.findall(r"branch_computations=\{([^}]*)\}", comp)
-        ]
-        n = len(
-            re.findall(
-                r"\b(all-reduce|all-reduce-start|all-gather|all-gather-start|"
-                r"collective-permute|all-to-all)\(",
-                comp,
-            )
-        )
-        out[name] = (callees, branches, n)
-    return out
-
-
 def shard_map_run_and_check(tx, a, data, x0, *, conditionals: int):
     """Runs ``tx`` under shard_map (one client per device) through ONE compiled step and
     checks its HLO: no collective runs unconditionally, and every top-level conditional
@@ -201,37 +180,3 @@ def shard_map_run_and_check(tx, a, data, x0, *, conditionals: int):
         params, state = step(params, state, jnp.asarray(data[t]))
         xs.append(np.asarray(params["w"]))
     return np.array(xs), (params, state)
-
-
-def assert_collectives_only_in_silent_alternatives(hlo: str) -> int:
-    """The HLO check of :func:`shard_map_run_and_check`; returns the number of guarded
-    top-level conditionals."""
-    graph = _calls(hlo)
-    entry = re.search(r"ENTRY (%?[\w.\-]+)", hlo).group(1)
-
-    def reaches(name, seen):
-        if name in seen or name not in graph:
-            return 0
-        seen.add(name)
-        callees, branches, n = graph[name]
-        return n + sum(reaches(c, seen) for c in callees + [b for bs in branches for b in bs])
-
-    def top_level(name, seen, conditionals):
-        """Collectives run unconditionally from ``name``; collects its conditionals."""
-        if name in seen or name not in graph:
-            return 0
-        seen.add(name)
-        callees, branches, n = graph[name]
-        conditionals.extend(branches)
-        return n + sum(top_level(c, seen, conditionals) for c in callees)
-
-    conditionals: list[list[str]] = []
-    assert reaches(entry, set()) > 0, "no collective at all"
-    assert top_level(entry, set(), conditionals) == 0, "a collective runs on every step"
-    guarded = 0
-    for branches in conditionals:
-        counts = [reaches(b, set()) for b in branches]
-        if any(counts):
-            assert min(counts) == 0, f"no silent branch: {branches} {counts}"
-            guarded += 1
-    return guarded

@@ -138,6 +138,67 @@ def test_off_sync_step_compiles_without_collectives(average_state, start_step, r
     assert_collectives_only_in_sync_branch(tx, a, WORKERS)
 
 
+def _collectives_outside_and_inside_while(jaxpr) -> tuple[int, int]:
+    """Collective primitives reachable without entering a ``while`` body, and inside one
+    (whose predicate is data-dependent: not a literal)."""
+    counts = [0, 0]
+
+    def subjaxprs(value):
+        if hasattr(value, "eqns"):
+            yield value
+        elif hasattr(value, "jaxpr") and hasattr(value.jaxpr, "eqns"):
+            yield value.jaxpr
+        elif isinstance(value, (tuple, list)):
+            for v in value:
+                yield from subjaxprs(v)
+
+    def walk(jaxpr, in_while):
+        for eqn in jaxpr.eqns:
+            name = eqn.primitive.name
+            if name.startswith(("psum", "pmax", "pmin", "ppermute", "all_gather", "all_to_all")):
+                counts[in_while] += 1
+            if name == "while":
+                (out,) = eqn.params["cond_jaxpr"].jaxpr.outvars
+                assert not hasattr(out, "val"), "a while loop with a constant predicate"
+            for key, value in eqn.params.items():
+                for sub in subjaxprs(value):
+                    walk(sub, in_while or (name == "while" and key == "body_jaxpr"))
+
+    walk(jaxpr, False)
+    return counts[0], counts[1]
+
+
+def test_runs_by_workers_vmap_skips_the_sync_off_sync(rng, x64):
+    """vmap over runs (no axis name) of vmap over workers: the count is batched, so a
+    ``lax.cond`` would be a select running the all-reduce every step; ``run_if`` keeps it
+    in a while loop that runs only while some member syncs. Same params as the reference."""
+    runs, steps, period = 2, 6, 3
+    a, _, x0 = worker_problem(rng, WORKERS, steps)
+    data = np.stack([worker_problem(rng, WORKERS, steps)[1] for _ in range(runs)], axis=1)
+    tx = optlab.local_sgd(optax.sgd(0.05, momentum=0.9), period, AXIS)
+    step = jax.jit(jax.vmap(jax.vmap(make_step(tx, a), axis_name=AXIS)))
+    params, state = init_workers(tx, x0, WORKERS)
+    params, state = jax.tree.map(lambda v: jnp.stack([v] * runs), (params, state))
+    for t in range(steps):
+        params, state = step(params, state, jnp.asarray(data[t]))
+    for r in range(runs):
+        ref = reference_local_sgd(a, data[:, r], x0, NumpySGD(0.05, 0.9), period)
+        _close(np.asarray(params["w"][r]), ref[-1])
+
+    # The worker axis bound by name (psum stays a primitive), the runs vmapped.
+    one_worker = jax.tree.map(lambda v: v[:, 0], (params, state, jnp.asarray(data[0])))
+    trace = lambda f: jax.make_jaxpr(jax.vmap(f), axis_env=[(AXIS, WORKERS)])(*one_worker)
+    assert state.count.shape == (runs, WORKERS)  # batched: the cond cannot stay a cond
+    outside, inside = _collectives_outside_and_inside_while(trace(make_step(tx, a)).jaxpr)
+    assert (outside, inside) == (0, 1)
+    # Negative control: synchronous data parallelism all-reduces on every step.
+    dp = optax.chain(optlab.mean_gradients(AXIS), optax.sgd(0.05))
+    dp_state = jax.vmap(jax.vmap(dp.init))(params)
+    one_dp = (one_worker[0], jax.tree.map(lambda v: v[:, 0], dp_state), one_worker[2])
+    dp_jaxpr = jax.make_jaxpr(jax.vmap(make_step(dp, a)), axis_env=[(AXIS, WORKERS)])(*one_dp)
+    assert _collectives_outside_and_inside_while(dp_jaxpr.jaxpr)[0] > 0
+
+
 def test_inside_chain_after_clipping(rng, x64):
     a, data, x0 = worker_problem(rng, WORKERS, STEPS)
     tx = optax.chain(

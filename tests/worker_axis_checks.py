@@ -1,5 +1,5 @@
 """Shared harness for the worker-axis optimizers (local_sgd, diloco): problems, float64 NumPy
-references of the inner/outer optimizers, vmap and shard_map runners, and an HLO check.
+references of the inner/outer optimizers, vmap and shard_map runners, and HLO checks.
 
 Every worker i has its own quadratic, grad_i(x) = A x - d_i(t), with d_i(t) = b_i + noise,
 fixed per step and worker, so the workers drift apart between syncs.
@@ -159,46 +159,92 @@ def run_shard_map(tx, a, data, x0):
 # Compiled-program checks.
 
 
+_COLLECTIVE = re.compile(
+    r"\b(all-reduce|all-reduce-start|all-gather|all-gather-start|collective-permute|"
+    r"all-to-all)\("
+)
+
+
 def collectives_by_computation(hlo: str) -> dict[str, int]:
     """The number of all-reduce (and other cross-worker) ops per HLO computation."""
     out = {}
     for computation in re.split(r"\n(?=%|ENTRY)", hlo):
         name = computation.split(" ", 1)[0]
-        n = len(
-            re.findall(
-                r"\b(all-reduce|all-reduce-start|all-gather|collective-permute|all-to-all)\(",
-                computation,
-            )
-        )
+        n = len(_COLLECTIVE.findall(computation))
         if n:
             out[name] = n
     return out
 
 
-def conditional_branches(hlo: str) -> list[list[str]]:
-    """The branch computation names of every conditional in the module."""
-    return [
-        [b.strip() for b in m.split(",")]
-        for m in re.findall(r"branch_computations=\{([^}]*)\}", hlo)
-    ]
+def _calls(hlo: str) -> dict[str, tuple[list[str], list[list[str]], int]]:
+    """Per computation: the computations it calls (not as a branch: fusions, reductions,
+    while loops' bodies and conditions), its conditionals' branch lists, and its own number
+    of collectives."""
+    out = {}
+    for comp in re.split(r"\n(?=%|ENTRY)", hlo):
+        head = comp.split(" ", 2)
+        name = head[1] if head[0] == "ENTRY" else head[0]
+        callees = re.findall(r"(?:calls|to_apply|body|condition)=(%[\w.\-]+)", comp)
+        branches = [
+            [b.strip() for b in m.split(",")]
+            for m in re.findall(r"branch_computations=\{([^}]*)\}", comp)
+        ]
+        out[name] = (callees, branches, len(_COLLECTIVE.findall(comp)))
+    return out
 
 
-def assert_collectives_only_in_sync_branch(tx, a, workers: int, dtype=jnp.float32):
-    """Compiles the shard_map step and checks that every collective sits in one branch of a
-    conditional whose other branch (the off-sync step) has none."""
+def assert_collectives_only_in_silent_alternatives(hlo: str) -> int:
+    """Checks a compiled module's text: there is a collective, none is reachable from ENTRY
+    without passing a conditional (none runs on every step), and every top-level
+    conditional that reaches a collective (directly in a branch, or through calls and while
+    loops under it, as ``optlab._control.run_if`` compiles) has a branch that reaches none
+    (the silent path). Returns the number of those guarded top-level conditionals."""
+    graph = _calls(hlo)
+    entry = re.search(r"ENTRY (%?[\w.\-]+)", hlo).group(1)
+
+    def reaches(name, seen):
+        if name in seen or name not in graph:
+            return 0
+        seen.add(name)
+        callees, branches, n = graph[name]
+        return n + sum(reaches(c, seen) for c in callees + [b for bs in branches for b in bs])
+
+    def top_level(name, seen, conditionals):
+        """Collectives run unconditionally from ``name``; collects its conditionals."""
+        if name in seen or name not in graph:
+            return 0
+        seen.add(name)
+        callees, branches, n = graph[name]
+        conditionals.extend(branches)
+        return n + sum(top_level(c, seen, conditionals) for c in callees)
+
+    conditionals: list[list[str]] = []
+    assert reaches(entry, set()) > 0, "no collective at all"
+    assert top_level(entry, set(), conditionals) == 0, "a collective runs on every step"
+    guarded = 0
+    for branches in conditionals:
+        counts = [reaches(b, set()) for b in branches]
+        if any(counts):
+            assert min(counts) == 0, f"no silent branch: {branches} {counts}"
+            guarded += 1
+    return guarded
+
+
+def assert_collectives_only_in_sync_branch(
+    tx, a, workers: int, dtype=jnp.float32, *, conditionals: int = 1
+):
+    """Compiles the shard_map step and checks (``assert_collectives_only_in_silent_
+    alternatives``) that no collective runs on every step and that they all sit under
+    ``conditionals`` top-level conditionals, each with a silent branch (the off-sync step).
+    Returns the collectives per computation."""
     step = shard_map_step(tx, a, workers)
     params, state = init_workers(tx, np.zeros(DIM), workers, dtype)
     data = jnp.zeros((workers, DIM), dtype)
     hlo = step.lower(params, state, data).compile().as_text()
     found = collectives_by_computation(hlo)
     assert found, "no collective at all: the sync branch was compiled away"
-    branches = conditional_branches(hlo)
-    sync_branches = [b for b in branches if any(name in found for name in b)]
-    assert len(sync_branches) == 1, (found, branches)
-    (pair,) = sync_branches
-    assert len(pair) == 2, pair
-    assert sum(name in found for name in pair) == 1, (found, pair)  # the other one is silent
-    assert set(found) <= set(pair), f"collectives outside the sync branch: {found}"
+    guarded = assert_collectives_only_in_silent_alternatives(hlo)
+    assert guarded == conditionals, (guarded, conditionals, found)
     return found
 
 
