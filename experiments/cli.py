@@ -518,10 +518,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             _init_distributed(args)
         elif args.devices is None:
             args.devices = 1
-        if args.devices > 1 and not args.distributed:
-            # Only possible before the first JAX operation (in-process callers, e.g. tests
-            # or notebooks, may already have initialised JAX with enough devices); it only
-            # affects the CPU backend.
+        # Only possible before the first JAX operation (in-process callers, e.g. tests or
+        # notebooks, may already have initialised JAX with enough devices); it only affects
+        # the CPU backend. Never lowered: a caller's larger setting stays (an update after
+        # initialisation would re-create the CPU backend with fewer devices).
+        if (
+            args.devices > 1
+            and not args.distributed
+            and jax.config.jax_num_cpu_devices < args.devices
+        ):
             with contextlib.suppress(RuntimeError):
                 jax.config.update("jax_num_cpu_devices", args.devices)
         if args.devices > len(jax.devices()):
