@@ -525,7 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if (
             args.devices > 1
             and not args.distributed
-            and jax.config.jax_num_cpu_devices < args.devices
+            and getattr(jax.config, "jax_num_cpu_devices", -1) < args.devices
         ):
             with contextlib.suppress(RuntimeError):
                 jax.config.update("jax_num_cpu_devices", args.devices)

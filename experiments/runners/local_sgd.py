@@ -270,11 +270,11 @@ def build_study(config: ml_collections.ConfigDict) -> st.Study:
             "this time shows the compute PALSGD skips, not the bandwidth the local methods "
             "save; the machine is shared, so treat differences under ~10 % as noise."
             + ("" if len(sizes) == 1 else " Methods train different numbers of runs here."),
-            "In this one-device simulation (vmap over workers) the step count is batched, so "
-            "the sync lax.cond of Local SGD, DiLoCo and PALSGD becomes a select: every step "
-            "pays the outer step's arithmetic (DiLoCo about 1.8x DP per step on this small "
-            "MLP); on real devices (shard_map, one worker each) the branch is real: see "
-            "python -m experiments bench for interleaved step times and bytes.",
+            "In this one-device simulation (vmap over runs and workers) the step count is "
+            "batched; the sync of Local SGD, DiLoCo and PALSGD runs under optlab's run_if (a "
+            "conditional holding a while loop that runs only while some member syncs), so "
+            "off-sync steps skip the averaging and the outer step here too; on real devices "
+            "(shard_map) see python -m experiments bench for the bytes each method moves.",
             "PALSGD skips the forward/backward pass only on steps where every run and worker "
             "of the group pseudo-syncs (shared coins from one coin seed for every run, the "
             "reference code's behaviour): grad_evals counts the gradients the method needs, "
