@@ -2,8 +2,8 @@
 
 Command:  python -m experiments run local_sgd [--variant smoke|quick|full] [--config.key=value ...]
 Runtime:  smoke: 10 s of CPU time (50 s wall on the contended 2-core machine; tests).
-          quick: 288 s wall on a 2-core CPU shared with other jobs (load average ~18;
-          66 s of CPU time), cold compilation cache: MLP on digits, 8 workers x batch 16,
+          quick: 50 s wall on a 2-core CPU (54 s of CPU time), cold compilation cache:
+          MLP on digits, 8 workers x batch 16,
           300 steps with cosine decay, 5 methods x 3 inner learning rates (tuned on
           validation) x 5 seeds = 75 runs, evaluations every 10 steps.
           full: ResNet-20 on CIFAR-10, 8 workers, H = 500, 50k steps, 3 seeds: GPU/TPU
