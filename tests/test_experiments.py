@@ -377,10 +377,17 @@ def test_local_sgd_curves_and_times_to_target():
     assert dp["comm_rounds"].tolist() == [10]
     config = ml_collections.ConfigDict({"cost": {"comm_cost": 2.0, "target_val_accuracy": 0.75}})
     hook = local_sgd.history_metrics(config)
-    out = hook(st.TaskData(None, None, None, None, (), 30, 1), None, spec, [rows, rows[:1]])
+    task = st.Task("t", "digits", "mlp", batch_size=8, steps=30)
+    out = hook(st.TaskData(task, None, None, None, (), 30, 1), None, spec, [rows, rows[:1]])
     assert out["model_time_to_target"][0] == 25
     assert np.isnan(out["model_time_to_target"][1])  # never reached: NaN, counted as missing
     assert out["comm_rounds"] == [7, 2]
+    # A per-task target overrides the default one (the language model's accuracy is low).
+    config.cost.task_targets = {"t": 0.85}
+    out = local_sgd.history_metrics(config)(
+        st.TaskData(task, None, None, None, (), 30, 1), None, spec, [rows]
+    )
+    assert out["model_time_to_target"] == [37]
 
 
 # --- continual ---------------------------------------------------------------------------------

@@ -163,12 +163,12 @@ def _spread(rows, live, values):
 
 def history_metrics(config: ml_collections.ConfigDict):
     """The ``history_metrics`` hook: totals and times to the target validation accuracy."""
-    target = config.cost.target_val_accuracy
     comm_cost = config.cost.comm_cost
     keys = ("grad_evals", "grad_evals_run", "comm_rounds", "model_time", "measured_time_s")
 
     def hook(data: st.TaskData, method, spec, histories):
         del method
+        target = task_target(config, data.task.name)
         out: dict[str, list[float]] = {k: [] for k in keys}
         out.update({f"{k}_to_target": [] for k in keys})
         for rows in histories:
@@ -183,6 +183,14 @@ def history_metrics(config: ml_collections.ConfigDict):
         return out
 
     return hook
+
+
+def task_target(config: ml_collections.ConfigDict, task: str) -> float:
+    """The validation accuracy the times to target are measured at, for ``task``:
+    ``cost.task_targets[task]`` if set (e.g. per-token accuracy for the language model),
+    else ``cost.target_val_accuracy``."""
+    targets = config.cost.get("task_targets") or {}
+    return float(targets.get(task, config.cost.target_val_accuracy))
 
 
 def _curve_x(config: ml_collections.ConfigDict, key: str):
@@ -227,6 +235,9 @@ def build_study(config: ml_collections.ConfigDict) -> st.Study:
         raise ValueError(
             f"cost.target_val_accuracy must lie in (0, 1], got {config.cost.target_val_accuracy}."
         )
+    for name, value in (config.cost.get("task_targets") or {}).items():
+        if not 0.0 < value <= 1.0:
+            raise ValueError(f"cost.task_targets.{name} must lie in (0, 1], got {value}.")
     unknown = sorted(set(config.curves_against) - set(CURVE_LABELS))
     if unknown:
         raise ValueError(f"curves_against: unknown {unknown}; allowed: {sorted(CURVE_LABELS)}.")
@@ -263,7 +274,12 @@ def build_study(config: ml_collections.ConfigDict) -> st.Study:
             f"Cost model: model_time = grad_evals + {config.cost.comm_cost:g} x comm_rounds, "
             "in units of one worker's forward/backward (cost.comm_cost = what one all-reduce "
             "of the params costs); *_to_target at the first evaluation with validation "
-            f"accuracy >= {config.cost.target_val_accuracy:g}.",
+            f"accuracy >= {config.cost.target_val_accuracy:g}"
+            + "".join(
+                f" ({name}: {task_target(config, name):g})"
+                for name in (config.cost.get("task_targets") or {})
+            )
+            + ".",
             "measured_time_s: seconds of the group's compiled training chunks (every run of a "
             "method, all its workers, in one program on one device; first window's compile "
             "replaced by the median window). On one device communication is a memory copy: "
