@@ -31,6 +31,8 @@ FACTORIES = {
     ),
     "dsgd": lambda: optlab.dsgd(optax.sgd(0.1), "ring", AXIS),
     "mean_gradients": lambda: optax.chain(optlab.mean_gradients(AXIS), optax.sgd(0.1)),
+    "fedavg": lambda: optlab.fedavg(optax.sgd(0.1), optax.sgd(1.0, momentum=0.5), 3, AXIS),
+    "fedaware": lambda: optlab.fedaware(optax.sgd(0.1), optax.sgd(1.0), 2, AXIS),
 }
 
 
