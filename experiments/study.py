@@ -981,11 +981,15 @@ def _run_task(
 
 
 def runner_functions(
-    build: Callable[[ml_collections.ConfigDict], Study],
+    build: Callable[..., Study],
+    *,
+    takes_workdir: bool = False,
 ) -> tuple[Callable[..., None], Callable[..., str], Callable[..., dict[str, Any]]]:
     """A runner's ``validate(config)``, ``plan(config)`` and ``run(config, workdir, ...)``.
 
     Every runner is ``build_study(config) -> Study`` plus these three (what the CLI calls).
+    With ``takes_workdir``, ``run`` builds with ``build_study(config, workdir)`` (runners
+    whose hooks write extra files there); ``validate`` and ``plan`` build without one.
     """
 
     def validate(config: ml_collections.ConfigDict) -> None:
@@ -1002,8 +1006,7 @@ def runner_functions(
         progress: bool = True,
         on_ready: Callable[[], None] | None = None,
     ) -> dict[str, Any]:
-        return run_study(
-            build(config), workdir, devices=devices, progress=progress, on_ready=on_ready
-        )
+        study = build(config, workdir) if takes_workdir else build(config)
+        return run_study(study, workdir, devices=devices, progress=progress, on_ready=on_ready)
 
     return validate, plan, run

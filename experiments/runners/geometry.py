@@ -316,24 +316,12 @@ def build_study(config: ml_collections.ConfigDict, workdir: str | Path | None = 
     return study
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    build_study(config)
-
-
-def plan(config: ml_collections.ConfigDict) -> str:
-    return st.describe(build_study(config))
+validate, plan, _run = st.runner_functions(build_study, takes_workdir=True)
 
 
 def run(
-    config: ml_collections.ConfigDict,
-    workdir,
-    *,
-    devices: int = 1,
-    progress: bool = True,
-    on_ready=None,
+    config: ml_collections.ConfigDict, workdir, *, devices: int = 1, **kwargs
 ) -> dict[str, Any]:
     if devices != 1:
         raise ValueError(f"the geometry replay runs on one device, got devices={devices}.")
-    return st.run_study(
-        build_study(config, workdir), workdir, devices=devices, progress=progress, on_ready=on_ready
-    )
+    return _run(config, workdir, devices=devices, **kwargs)

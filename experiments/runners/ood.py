@@ -337,22 +337,4 @@ def build_study(config: ml_collections.ConfigDict, workdir: str | Path | None = 
     return study
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    build_study(config)
-
-
-def plan(config: ml_collections.ConfigDict) -> str:
-    return st.describe(build_study(config))
-
-
-def run(
-    config: ml_collections.ConfigDict,
-    workdir,
-    *,
-    devices: int = 1,
-    progress: bool = True,
-    on_ready=None,
-) -> dict[str, Any]:
-    return st.run_study(
-        build_study(config, workdir), workdir, devices=devices, progress=progress, on_ready=on_ready
-    )
+validate, plan, run = st.runner_functions(build_study, takes_workdir=True)
